@@ -1,0 +1,3 @@
+"""lookalike: look-alike and duplicate images, found where their records live."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,161 @@
+"""The one way to open an image.
+
+Every step that needs pixels calls :func:`open_image`. It applies the EXIF
+orientation, normalises every Pillow mode to 8-bit RGB (alpha composited on
+white), takes the first frame of an animation, keeps Pillow's
+decompression-bomb guard on, and turns anything undecodable into an
+:class:`ImageError` whose ``reason`` is short enough to store on the image's
+row.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Pillow's own default (about 89 megapixels): above it Pillow warns, above twice
+# it raises. We make the warning an error too, so a bomb never gets decoded.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+# Formats written by lossless codecs, preferred as keepers when sizes tie.
+LOSSLESS_FORMATS = frozenset({"PNG", "BMP", "TIFF", "GIF", "WEBP_LOSSLESS", "PPM", "TGA"})
+
+# Extension for each Pillow format name, used when exporting.
+EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "BMP": "bmp",
+              "TIFF": "tif", "MPO": "jpg", "PPM": "ppm", "TGA": "tga", "ICO": "ico"}
+
+WHITE = (255, 255, 255)
+
+
+class ImageError(Exception):
+    """An image that cannot be used; ``reason`` is what gets recorded."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    width: int   # as displayed, after EXIF orientation
+    height: int
+    format: str  # Pillow's format name of the encoded bytes, e.g. "JPEG"
+
+
+Source = bytes | str | Path
+
+
+def _as_file(source: Source):
+    if isinstance(source, bytes):
+        if not source:
+            raise ImageError("empty file")
+        return io.BytesIO(source)
+    path = Path(source)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageError("empty file")
+    except FileNotFoundError:
+        raise ImageError(f"file not found: {path.name}") from None
+    return path
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit grey: scale to 8 bits (Pillow's convert would clip at 255).
+        values = np.asarray(img, dtype=np.uint32 if mode == "I" else np.uint16)
+        if mode == "I" and values.max(initial=0) <= 255:
+            grey = values.astype(np.uint8)
+        else:
+            grey = (np.clip(values, 0, 65535) >> 8).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if mode == "F":
+        values = np.asarray(img, dtype=np.float32)
+        scale = 255.0 if values.max(initial=0.0) <= 1.0 else 1.0
+        return Image.fromarray(np.clip(values * scale, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        mode = img.mode
+    if mode in ("PA", "LA", "La", "RGBa"):
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode == "RGBA":
+        background = Image.new("RGB", img.size, WHITE)
+        background.paste(img, mask=img.getchannel("A"))
+        return background
+    # 1, L, CMYK, YCbCr, LAB, HSV: Pillow converts these correctly.
+    return img.convert("RGB")
+
+
+def _decode(source: Source, draft: tuple[int, int] | None) -> tuple[Image.Image, str]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(_as_file(source))
+            fmt = img.format or "unknown"
+            if draft is not None and fmt == "JPEG":
+                img.draft("RGB", draft)
+            img.seek(0)  # first frame of an animation
+            img.load()
+        except ImageError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageError(f"decompression bomb: {exc}".split(" could be")[0]) from None
+        except UnidentifiedImageError:
+            raise ImageError(_unidentified_reason(source)) from None
+        except OSError as exc:
+            text = str(exc)
+            if "truncated" in text or "premature end" in text.lower() or "broken data stream" in text:
+                raise ImageError("truncated image") from None
+            raise ImageError(f"undecodable image: {text}") from None
+        except (ValueError, SyntaxError, EOFError, IndexError, MemoryError) as exc:
+            raise ImageError(f"undecodable image: {type(exc).__name__}: {exc}") from None
+    return img, fmt
+
+
+def _unidentified_reason(source: Source) -> str:
+    head = source[:512] if isinstance(source, bytes) else Path(source).open("rb").read(512)
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html")) or b"<html" in text:
+        return "not an image: HTML page"
+    try:
+        head.decode("utf-8")
+        return "not an image: text"
+    except UnicodeDecodeError:
+        return "not an image: unrecognised format"
+
+
+def open_image(source: Source, *, draft: tuple[int, int] | None = None) -> Image.Image:
+    """Decode ``source`` (bytes or a path) into an upright 8-bit RGB image.
+
+    ``draft`` lets JPEG decode at a reduced scale no smaller than the given
+    size; it is an opt-in speed-up and changes pixels, so callers that must
+    match a reference decode leave it unset.
+    Raises :class:`ImageError` with a storable reason.
+    """
+    img, _ = _decode(source, draft)
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block is not worth losing the image for
+        pass
+    return _to_rgb(img)
+
+
+def probe(source: Source) -> ImageInfo:
+    """Fully decode ``source`` (to catch truncation) and report its displayed size."""
+    img, fmt = _decode(source, None)
+    width, height = img.size
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:
+        orientation = 1
+    if orientation in (5, 6, 7, 8):  # these orientations swap width and height
+        width, height = height, width
+    return ImageInfo(width=width, height=height, format=fmt)
