@@ -53,6 +53,95 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_featurize(args) -> int:
+    from .features import featurize_images
+    with _open_db(args) as db:
+        summary = featurize_images(db, backbone=args.backbone, device=args.device, batch_size=args.batch_size,
+                                   progress=_progress(args))
+    print("\n".join(summary.lines()))
+    return 130 if summary.interrupted else 0
+
+
+def cmd_split(args) -> int:
+    from .split import split_images
+    with _open_db(args) as db:
+        print("\n".join(split_images(db, test_ratio=args.test_ratio, seed=args.seed).lines()))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .classify import train_classifier
+    with _open_db(args) as db:
+        print("\n".join(train_classifier(db, feature_model=args.backbone, seed=args.seed).lines()))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate_model
+    with _open_db(args) as db:
+        summary = evaluate_model(db, queries_per_label=args.queries_per_label,
+                                 negatives_per_query=args.negatives, seed=args.seed,
+                                 feature_model=args.backbone, plot=args.plot)
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def cmd_query(args) -> int:
+    from .search import add_queries
+    with _open_db(args) as db:
+        ids = add_queries(db, args.images)
+    print(f"{len(ids)} queries in query_images (ids {', '.join(map(str, ids))})")
+    return 0
+
+
+def cmd_rank(args) -> int:
+    from .search import rank_queries
+    with _open_db(args) as db:
+        print("\n".join(rank_queries(db, top=args.top, space=args.space, backbone=args.backbone).lines()))
+    return 0
+
+
+def cmd_similar(args) -> int:
+    import json
+    from .search import similar_images
+    with _open_db(args) as db:
+        matches = similar_images(db, args.image, k=args.top, space=args.space, backbone=args.backbone)
+        if args.sheet:
+            _similar_sheet(db, args.image, matches, args.sheet)
+    if args.json:
+        print(json.dumps([m.as_dict() for m in matches], indent=2))
+    else:
+        print(f"{'rank':>4}  {'image':>7}  {'label':<12} {'similarity':>10}  source")
+        for m in matches:
+            print(f"{m.rank:>4}  {m.image_id:>7}  {m.label or '':<12} {m.similarity:>10.4f}  {m.source}")
+    if args.sheet:
+        print(f"contact sheet: {args.sheet}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _similar_sheet(db, query, matches, path: Path) -> None:
+    from .images import open_image
+    from .search import _query_bytes, image_sha256
+    from .ingest import FetchLimits
+    from .sheets import contact_sheet
+    query_data = (db.store.get(image_sha256(db, int(query))) if str(query).isdigit()
+                  else _query_bytes(query, FetchLimits()))
+    tiles = [(open_image(query_data), "query")]
+    tiles += [(open_image(db.store.get(image_sha256(db, m.image_id))), f"{m.rank}. {m.label}\nsim {m.similarity:.3f}")
+              for m in matches]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    contact_sheet(tiles, columns=6, title=f"{len(matches)} most similar to {Path(str(query)).name}").save(path)
+
+
+def cmd_run(args) -> int:
+    from .pipeline import run_pipeline
+    with _open_db(args) as db:
+        summary = run_pipeline(db, args.source, seed=args.seed, test_ratio=args.test_ratio, top=args.top,
+                               plot=args.plot, progress=_progress(args), device=args.device)
+    print("\n".join(summary.lines()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--db", default=argparse.SUPPRESS,
@@ -87,6 +176,61 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", parents=[common], help="counts per label and status")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("featurize", parents=[common], help="CNN embeddings for images that have none")
+    p.add_argument("--backbone", default="efficientnet-lite0")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=cmd_featurize)
+
+    p = sub.add_parser("split", parents=[common], help="stratified train/test split of the unique images")
+    p.add_argument("--test-ratio", type=float, default=0.25)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("train", parents=[common], help="train the classifier on the training embeddings")
+    p.add_argument("--backbone", default="efficientnet-lite0")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", parents=[common], help="the ranking protocol: top-k accuracy, mAP, recall")
+    p.add_argument("--backbone", default="efficientnet-lite0")
+    p.add_argument("--queries-per-label", type=int, default=20)
+    p.add_argument("--negatives", type=int, default=100, help="negatives per query")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", type=Path, help="save top-k accuracy curves as a PNG")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("query", parents=[common], help="manage query_images")
+    qsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = qsub.add_parser("add", parents=[common], help="add images (ids, paths or URLs) to query_images")
+    q.add_argument("images", nargs="+")
+    q.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("rank", parents=[common], help="top-K for every query image into ranking_results")
+    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--space", choices=["embeddings", "scores"], default="embeddings")
+    p.add_argument("--backbone", default="efficientnet-lite0")
+    p.set_defaults(func=cmd_rank)
+
+    p = sub.add_parser("similar", parents=[common], help="the most similar stored images to an image")
+    p.add_argument("image", help="a stored image id, a path or a URL")
+    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--space", choices=["embeddings", "scores"], default="embeddings")
+    p.add_argument("--backbone", default="efficientnet-lite0")
+    p.add_argument("--sheet", type=Path, help="save a contact sheet PNG of the results")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_similar)
+
+    p = sub.add_parser("run", parents=[common], help="the whole pipeline: load, hash, dedupe, featurize, "
+                                                     "split, train, evaluate, rank")
+    p.add_argument("source", nargs="?", help="folder or manifest to load first")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-ratio", type=float, default=0.25)
+    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--plot", type=Path, help="save the evaluation plot")
+    p.set_defaults(func=cmd_run)
     return parser
 
 
@@ -101,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, ValueError, LookupError, FileNotFoundError) as exc:
         print(f"error: {mask_secrets(str(exc))}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,119 @@
+"""Featurize step: a CNN embedding for every loaded image that has none for the model.
+
+Reads ``images`` (status 'ok') and the image store; writes ``feature_models``
+(the backbone as a row: name, weights checksum, dimension, preprocessing) and
+``embeddings`` (image, model, float32 unit vector). Commits every batch, so an
+interrupted run keeps what it did and a re-run does only the rest.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from collections import Counter
+
+import numpy as np
+import sqlalchemy as sa
+
+from .backbones import Backbone, load_backbone
+from .db import Database, embeddings, feature_models, images, now, recorded_run, vector_bytes, vector_from_bytes
+
+DEFAULT_BACKBONE = "efficientnet-lite0"
+COMMIT_SECONDS = 2.0
+
+
+@dataclass
+class FeaturizeSummary:
+    model: str
+    embedded: int = 0
+    already: int = 0
+    failed: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+    interrupted: bool = False
+
+    def lines(self) -> list[str]:
+        rate = self.embedded / self.seconds if self.seconds > 0 else 0.0
+        out = [f"featurize ({self.model}): {self.embedded} embedded ({rate:.1f} images/s), "
+               f"{self.already} already had one, {sum(self.failed.values())} failed"]
+        out += [f"  failed: {n:>5}  {reason}" for reason, n in self.failed.most_common()]
+        if self.interrupted:
+            out.append("interrupted: embeddings written so far are kept; run again to finish")
+        return out
+
+
+def feature_model_id(db: Database, backbone: Backbone) -> int:
+    """The row for this backbone (name + weights checksum), created on first use."""
+    info = backbone.info
+    with db.begin() as conn:
+        conn.execute(db.insert_ignore(feature_models).values(
+            name=info.name, weights_sha256=info.weights_sha256, dim=info.dim, input_size=info.input_size,
+            preprocessing=info.preprocessing, created_at=now()))
+        return conn.execute(sa.select(feature_models.c.id).where(
+            feature_models.c.name == info.name, feature_models.c.weights_sha256 == info.weights_sha256)).scalar_one()
+
+
+def latest_feature_model(conn, name: str = DEFAULT_BACKBONE) -> int:
+    """The id of the newest feature model with this name; a clear error when none was featurized."""
+    model_id = conn.execute(sa.select(sa.func.max(feature_models.c.id)).where(feature_models.c.name == name)).scalar()
+    if model_id is None:
+        raise LookupError(f"no embeddings for model {name!r}: run `lookalike featurize` first")
+    return model_id
+
+
+def load_embeddings(conn, model_id: int, image_ids=None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, matrix) of stored embeddings for ``model_id``, ordered by image id."""
+    query = sa.select(embeddings.c.image_id, embeddings.c.vector).where(embeddings.c.model_id == model_id)
+    if image_ids is not None:
+        query = query.where(embeddings.c.image_id.in_(list(map(int, image_ids))))
+    rows = conn.execute(query.order_by(embeddings.c.image_id)).all()
+    ids = np.array([r[0] for r in rows], dtype=np.int64)
+    matrix = np.stack([vector_from_bytes(r[1]) for r in rows]) if rows else np.zeros((0, 0), np.float32)
+    return ids, matrix
+
+
+def featurize_images(db: Database, *, backbone: str = DEFAULT_BACKBONE, device: str = "cpu",
+                     batch_size: int = 32, progress: bool | None = None) -> FeaturizeSummary:
+    """Embed every ok image that has no embedding for ``backbone`` yet."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    if progress is None:
+        progress = sys.stderr.isatty()
+    model = load_backbone(backbone, device=device)
+    summary = FeaturizeSummary(model=backbone)
+    with recorded_run(db, "featurize", {"backbone": backbone, "device": device, "batch_size": batch_size}) as counts:
+        model_id = feature_model_id(db, model)
+        with db.engine.connect() as conn:
+            done = sa.select(embeddings.c.image_id).where(embeddings.c.model_id == model_id)
+            todo = conn.execute(sa.select(images.c.id, images.c.sha256)
+                                .where(images.c.status == "ok", images.c.id.not_in(done))
+                                .order_by(images.c.id)).all()
+            summary.already = conn.execute(sa.select(sa.func.count()).select_from(done.subquery())).scalar()
+        from .backbones import embed_sources
+        sources = ((image_id, db.store.path(sha)) for image_id, sha in todo)
+        started = time.monotonic()
+        pending: list[dict] = []
+        last_commit = time.monotonic()
+        try:
+            for image_id, vector, reason in embed_sources(model, sources, batch_size=batch_size, progress=progress):
+                if vector is None:
+                    summary.failed[reason] += 1
+                    continue
+                pending.append({"image_id": image_id, "model_id": model_id, "vector": vector_bytes(vector)})
+                if len(pending) >= batch_size and time.monotonic() - last_commit > COMMIT_SECONDS:
+                    summary.embedded += _write(db, pending)
+                    pending, last_commit = [], time.monotonic()
+            summary.embedded += _write(db, pending)
+        except KeyboardInterrupt:
+            summary.embedded += _write(db, pending)
+            summary.interrupted = True
+        summary.seconds = time.monotonic() - started
+        counts.update(embedded=summary.embedded, already=summary.already, failed=dict(summary.failed))
+    return summary
+
+
+def _write(db: Database, rows: list[dict]) -> int:
+    if rows:
+        with db.begin() as conn:
+            conn.execute(db.insert_ignore(embeddings), rows)
+    return len(rows)

@@ -1,0 +1,253 @@
+"""Rank and query steps: the top-K most similar stored images for a query.
+
+Two spaces: ``embeddings`` (the CNN vectors, default) and ``scores`` (the
+classifier's class probabilities, what the original solution ranked in).
+Distances are cosine distances; similarity = 1 − distance.
+
+- :func:`similar_images` — one query: a stored image id, a path, a URL or bytes.
+- :func:`add_queries` / :func:`rank_queries` — the batch form: ``query_images``
+  in, ``ranking_results`` out, as in the original's stored procedure.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import sqlalchemy as sa
+
+from .db import (Database, embeddings, images, now, query_images, ranking_results, recorded_run, scores,
+                 vector_from_bytes)
+from .features import DEFAULT_BACKBONE, latest_feature_model, load_embeddings
+from .images import open_image
+from .ingest import FetchError, FetchLimits, fetch, make_client
+from .store import sha256_hex
+from .vectors import build_index
+
+SPACES = ("embeddings", "scores")
+
+
+@dataclass(frozen=True)
+class Match:
+    rank: int
+    image_id: int
+    label: str | None
+    distance: float
+    similarity: float
+    source: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Collection:
+    """The stored vectors of one space, with their labels and a search index; built once, reused."""
+
+    def __init__(self, db: Database, space: str = "embeddings", backbone: str = DEFAULT_BACKBONE):
+        if space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}, not {space!r}")
+        self.space, self.backbone = space, backbone
+        with db.engine.connect() as conn:
+            self.feature_model_id = latest_feature_model(conn, backbone)
+            if space == "embeddings":
+                self.classifier_id = None
+                ids, matrix = load_embeddings(conn, self.feature_model_id)
+            else:
+                self.classifier_id, ids, matrix = _load_scores(conn)
+            self.version = _version(conn, space, self.feature_model_id, self.classifier_id)
+            meta = {row.id: row for row in conn.execute(
+                sa.select(images.c.id, images.c.label, images.c.source, images.c.sha256)
+                .where(images.c.id.in_(sa.select(embeddings.c.image_id)
+                                       .where(embeddings.c.model_id == self.feature_model_id))))}
+        if len(ids) == 0:
+            raise LookupError(f"no stored {space} to search: run featurize" + (" and train" if space == "scores" else ""))
+        self.ids = ids
+        self.meta = meta
+        self.sha_to_id = {row.sha256: image_id for image_id, row in meta.items()}
+        self.vectors = _unit(matrix)
+        self.index = build_index(ids, self.vectors)
+
+    def search(self, vector: np.ndarray, k: int, exclude: set[int] = frozenset()) -> list[Match]:
+        found_ids, distances = self.index.search(_unit(vector.reshape(1, -1)), k, exclude=[exclude])
+        out = []
+        for rank, (image_id, distance) in enumerate(zip(found_ids[0], distances[0]), start=1):
+            if image_id < 0:
+                break
+            row = self.meta.get(int(image_id))
+            out.append(Match(rank, int(image_id), row.label if row else None, float(distance),
+                             float(1.0 - distance), row.source if row else ""))
+        return out
+
+    def stored_vector(self, image_id: int) -> np.ndarray:
+        where = np.flatnonzero(self.ids == image_id)
+        if len(where) == 0:
+            raise LookupError(f"image {image_id} has no stored {self.space} vector")
+        return self.vectors[where[0]]
+
+
+_cache: dict[tuple, Collection] = {}
+_cache_lock = threading.Lock()
+
+
+def collection(db: Database, space: str = "embeddings", backbone: str = DEFAULT_BACKBONE) -> Collection:
+    """A cached :class:`Collection`, rebuilt only when the stored vectors changed."""
+    key = (db.masked_url, str(db.store.root), space, backbone)
+    with _cache_lock:
+        cached = _cache.get(key)
+        if cached is not None:
+            with db.engine.connect() as conn:
+                if _version(conn, space, cached.feature_model_id, cached.classifier_id) == cached.version:
+                    return cached
+        fresh = Collection(db, space, backbone)
+        _cache[key] = fresh
+        return fresh
+
+
+def _version(conn, space: str, feature_model_id: int, classifier_id: int | None) -> tuple:
+    if space == "embeddings":
+        table, model_id, model_col = embeddings, feature_model_id, embeddings.c.model_id
+    else:
+        table, model_id, model_col = scores, classifier_id, scores.c.model_id
+    count, top = conn.execute(sa.select(sa.func.count(), sa.func.max(table.c.image_id))
+                              .where(model_col == model_id)).one()
+    return (space, feature_model_id, classifier_id, count, top)
+
+
+def _load_scores(conn):
+    from .db import models
+    model_id = conn.execute(sa.select(sa.func.max(models.c.id))).scalar()
+    if model_id is None:
+        raise LookupError("no trained classifier: run `lookalike train` first (or use --space embeddings)")
+    rows = conn.execute(sa.select(scores.c.image_id, scores.c.vector).where(scores.c.model_id == model_id)
+                        .order_by(scores.c.image_id)).all()
+    ids = np.array([r[0] for r in rows], dtype=np.int64)
+    matrix = np.stack([vector_from_bytes(r[1]) for r in rows]) if rows else np.zeros((0, 0), np.float32)
+    return model_id, ids, matrix
+
+
+def _unit(matrix: np.ndarray) -> np.ndarray:
+    matrix = np.asarray(matrix, dtype=np.float32)
+    norms = np.linalg.norm(matrix, axis=-1, keepdims=True)
+    return matrix / np.maximum(norms, 1e-12)
+
+
+# ---------------------------------------------------------------- one query
+
+def _query_bytes(query: str | Path | bytes, limits: FetchLimits) -> bytes:
+    if isinstance(query, bytes):
+        return query
+    with make_client(limits, 1) as client:
+        try:
+            return fetch(str(Path(query).expanduser().resolve()) if "://" not in str(query) else str(query),
+                         client, limits)
+        except FetchError as exc:
+            raise ValueError(f"cannot read query image: {exc.reason}") from None
+
+
+def query_vector(db: Database, coll: Collection, data: bytes) -> tuple[np.ndarray, int | None]:
+    """The query's vector in ``coll``'s space, and its stored id if these bytes are in the collection."""
+    stored_id = coll.sha_to_id.get(sha256_hex(data))
+    if stored_id is not None:
+        return coll.stored_vector(stored_id), stored_id
+    from .backbones import load_backbone
+    embedding = load_backbone(coll.backbone).embed([open_image(data)])  # ImageError says why it can't
+    if coll.space == "embeddings":
+        return embedding[0], None
+    from .classify import load_classifier
+    estimator, _classes, _row = load_classifier(db, coll.classifier_id)
+    return estimator.predict_proba(embedding)[0].astype(np.float32), None
+
+
+def similar_images(db: Database, query: int | str | Path | bytes, *, k: int = 10, space: str = "embeddings",
+                   backbone: str = DEFAULT_BACKBONE, limits: FetchLimits = FetchLimits()) -> list[Match]:
+    """The ``k`` stored images most similar to ``query`` (an image id, a path, a URL or bytes), best first.
+
+    The query itself is never among the results when it is a stored image.
+    """
+    if not 1 <= k <= 1000:
+        raise ValueError("k must be between 1 and 1000")
+    coll = collection(db, space, backbone)
+    if isinstance(query, int) or (isinstance(query, str) and query.isdigit()):
+        image_id = int(query)
+        return coll.search(coll.stored_vector(image_id), k, exclude={image_id})
+    vector, stored_id = query_vector(db, coll, _query_bytes(query, limits))
+    return coll.search(vector, k, exclude={stored_id} if stored_id is not None else set())
+
+
+# ---------------------------------------------------------------- batch: query_images -> ranking_results
+
+def add_queries(db: Database, queries: list[str], *, limits: FetchLimits = FetchLimits()) -> list[int]:
+    """Put images (ids, paths or URLs) into ``query_images``; returns their query ids.
+
+    The bytes go to the image store, so ranking never fetches again.
+    """
+    added = []
+    for query in queries:
+        if str(query).isdigit():
+            with db.engine.connect() as conn:
+                row = conn.execute(sa.select(images.c.id, images.c.sha256).where(images.c.id == int(query))).first()
+            if row is None:
+                raise LookupError(f"no image with id {query}")
+            source, sha, image_id = f"image:{row.id}", row.sha256, row.id
+        else:
+            data = _query_bytes(query, limits)
+            open_image(data)  # refuse what cannot be decoded now, not at rank time
+            sha = db.store.put(data)
+            source = str(query)
+            with db.engine.connect() as conn:
+                image_id = conn.execute(sa.select(images.c.id).where(images.c.sha256 == sha)).scalar()
+        with db.begin() as conn:
+            conn.execute(db.insert_ignore(query_images).values(source=source, sha256=sha, image_id=image_id,
+                                                               added_at=now()))
+            added.append(conn.execute(sa.select(query_images.c.id).where(query_images.c.sha256 == sha)).scalar_one())
+    return added
+
+
+@dataclass(frozen=True)
+class RankSummary:
+    queries: int
+    rows: int
+    space: str
+    top: int
+
+    def lines(self) -> list[str]:
+        return [f"rank: top {self.top} in {self.space} space for {self.queries} queries → "
+                f"{self.rows} rows in ranking_results"]
+
+
+def rank_queries(db: Database, *, top: int = 10, space: str = "embeddings",
+                 backbone: str = DEFAULT_BACKBONE) -> RankSummary:
+    """Write the top ``top`` matches of every query in ``query_images`` to ``ranking_results``."""
+    if not 1 <= top <= 1000:
+        raise ValueError("top must be between 1 and 1000")
+    with recorded_run(db, "rank", {"top": top, "space": space, "backbone": backbone}) as counts:
+        coll = collection(db, space, backbone)
+        with db.engine.connect() as conn:
+            queries = conn.execute(sa.select(query_images.c.id, query_images.c.sha256, query_images.c.image_id)
+                                   .order_by(query_images.c.id)).all()
+        rows = []
+        for query_id, sha, image_id in queries:
+            if image_id is not None and image_id in coll.meta:
+                vector, stored_id = coll.stored_vector(image_id), image_id
+            else:
+                vector, stored_id = query_vector(db, coll, db.store.get(sha))
+            exclude = {stored_id} if stored_id is not None else set()
+            rows += [{"query_id": query_id, "space": space, "rank": m.rank, "image_id": m.image_id,
+                      "distance": m.distance} for m in coll.search(vector, top, exclude)]
+        with db.begin() as conn:  # replace this space's results in one transaction
+            conn.execute(sa.delete(ranking_results).where(ranking_results.c.space == space))
+            if rows:
+                conn.execute(sa.insert(ranking_results), rows)
+        counts.update(queries=len(queries), rows=len(rows))
+    return RankSummary(len(queries), len(rows), space, top)
+
+
+def image_sha256(db: Database, image_id: int) -> str:
+    """The sha256 (store key) of a stored image."""
+    with db.engine.connect() as conn:
+        sha = conn.execute(sa.select(images.c.sha256).where(images.c.id == image_id)).scalar()
+    if sha is None:
+        raise LookupError(f"no image with id {image_id}")
+    return sha
