@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/lookalike --db sqlite:///$(DEMO)/lookalike.db status
 
 test: $(STAMP) system-deps
-	$(BIN)/pytest -q
+	CI=$${CI:-1} $(BIN)/pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py

@@ -11,9 +11,11 @@ row.
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -50,18 +52,29 @@ class ImageInfo:
 Source = bytes | str | Path
 
 
-def _as_file(source: Source):
+# Leading bytes of formats we read, to tell a cut-off image from a non-image.
+SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"GIF87a": "GIF", b"GIF89a": "GIF",
+              b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
+
+
+def _as_file(source: Source) -> BinaryIO:
+    # We open paths ourselves so that _decode can close them: Pillow keeps a
+    # file it was handed by name open when decoding fails or frames remain.
     if isinstance(source, bytes):
         if not source:
             raise ImageError("empty file")
         return io.BytesIO(source)
     path = Path(source)
     try:
-        if path.stat().st_size == 0:
-            raise ImageError("empty file")
+        file = path.open("rb")
     except FileNotFoundError:
         raise ImageError(f"file not found: {path.name}") from None
-    return path
+    except OSError as exc:
+        raise ImageError(f"unreadable file: {exc.strerror}") from None
+    if os.fstat(file.fileno()).st_size == 0:
+        file.close()
+        raise ImageError("empty file")
+    return file
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -95,24 +108,24 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _decode(source: Source, draft: tuple[int, int] | None) -> tuple[Image.Image, str]:
-    with warnings.catch_warnings():
+    file = _as_file(source)
+    with file, warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            img = Image.open(_as_file(source))
+            img = Image.open(file)
             fmt = img.format or "unknown"
             if draft is not None and fmt == "JPEG":
                 img.draft("RGB", draft)
             img.seek(0)  # first frame of an animation
             img.load()
-        except ImageError:
-            raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageError(f"decompression bomb: {exc}".split(" could be")[0]) from None
+            raise ImageError(f"decompression bomb: {exc}".split(" could be")[0].rstrip(",")) from None
         except UnidentifiedImageError:
-            raise ImageError(_unidentified_reason(source)) from None
+            raise ImageError(_unidentified_reason(file)) from None
         except OSError as exc:
             text = str(exc)
-            if "truncated" in text or "premature end" in text.lower() or "broken data stream" in text:
+            lowered = text.lower()
+            if "truncated" in lowered or "premature end" in lowered or "broken data stream" in lowered:
                 raise ImageError("truncated image") from None
             raise ImageError(f"undecodable image: {text}") from None
         except (ValueError, SyntaxError, EOFError, IndexError, MemoryError) as exc:
@@ -120,8 +133,14 @@ def _decode(source: Source, draft: tuple[int, int] | None) -> tuple[Image.Image,
     return img, fmt
 
 
-def _unidentified_reason(source: Source) -> str:
-    head = source[:512] if isinstance(source, bytes) else Path(source).open("rb").read(512)
+def _unidentified_reason(file: BinaryIO) -> str:
+    file.seek(0)
+    head = file.read(512)
+    for signature, fmt in SIGNATURES.items():
+        if head.startswith(signature):  # an image cut off before Pillow could read its header
+            return f"truncated image: unreadable {fmt} header"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "truncated image: unreadable WEBP header"
     text = head.lstrip().lower()
     if text.startswith((b"<!doctype html", b"<html")) or b"<html" in text:
         return "not an image: HTML page"

@@ -1,0 +1,115 @@
+"""open_image and probe on every file of the awkward-image corpus, from bytes, str and Path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lookalike.images import ImageError, ImageInfo, open_image, probe
+from support.corpus import CORPUS
+
+GOOD = sorted(name for name, (_, expectation) in CORPUS.items() if expectation.ok)
+BAD = sorted(name for name, (_, expectation) in CORPUS.items() if not expectation.ok)
+SOURCE_KINDS = ["bytes", "str", "path"]
+
+
+def _source(corpus: Path, name: str, kind: str) -> bytes | str | Path:
+    path = corpus / name
+    return {"bytes": path.read_bytes(), "str": str(path), "path": path}[kind]
+
+
+@pytest.mark.parametrize("kind", SOURCE_KINDS)
+@pytest.mark.parametrize("name", GOOD)
+def test_open_image_gives_upright_rgb_with_expected_pixels(bad_corpus: Path, name: str, kind: str) -> None:
+    expectation = CORPUS[name][1]
+    expectation.assert_matches(open_image(_source(bad_corpus, name, kind)))
+
+
+@pytest.mark.parametrize("kind", SOURCE_KINDS)
+@pytest.mark.parametrize("name", GOOD)
+def test_probe_reports_displayed_size_and_format(bad_corpus: Path, name: str, kind: str) -> None:
+    expectation = CORPUS[name][1]
+    width, height = expectation.size
+    assert probe(_source(bad_corpus, name, kind)) == ImageInfo(width, height, expectation.format)
+
+
+@pytest.mark.parametrize("kind", SOURCE_KINDS)
+@pytest.mark.parametrize("name", BAD)
+def test_bad_files_raise_image_error_with_reason(bad_corpus: Path, name: str, kind: str) -> None:
+    expectation = CORPUS[name][1]
+    for function in (open_image, probe):
+        with pytest.raises(ImageError) as caught:
+            function(_source(bad_corpus, name, kind))
+        assert expectation.reason in caught.value.reason
+        assert len(caught.value.reason) < 200  # short enough to store on the image's row
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orientation_files_store_the_picture_turned(bad_corpus: Path, orientation: int) -> None:
+    # Guards the corpus itself: each file really is stored turned, with its EXIF tag.
+    with Image.open(bad_corpus / f"orientation_{orientation}.jpg") as raw:
+        assert raw.getexif()[0x0112] == orientation
+        assert raw.size == ((32, 48) if orientation >= 5 else (48, 32))
+        stored = np.asarray(raw.convert("RGB")).astype(int)
+    red_corner = [corner for corner in [(0, 0), (0, -1), (-1, 0), (-1, -1)]
+                  if stored[corner][0] > 200 and stored[corner][1] < 60]
+    assert len(red_corner) == 1
+    expected_corner = {1: (0, 0), 2: (0, -1), 3: (-1, -1), 4: (-1, 0),
+                       5: (0, 0), 6: (-1, 0), 7: (-1, -1), 8: (0, -1)}[orientation]
+    assert red_corner[0] == expected_corner
+
+
+def test_animated_gif_has_three_different_frames(bad_corpus: Path) -> None:
+    with Image.open(bad_corpus / "animated.gif") as gif:
+        assert gif.n_frames == 3
+        colours = []
+        for index in range(3):
+            gif.seek(index)
+            colours.append(gif.convert("RGB").getpixel((10, 10)))
+    assert colours == [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+
+
+def test_corpus_raw_modes_are_the_awkward_ones(bad_corpus: Path) -> None:
+    modes = {}
+    for name in ["cmyk.jpg", "grey16.png", "rgba.png", "la.png", "palette_transparent.png", "bilevel.png"]:
+        with Image.open(bad_corpus / name) as raw:
+            modes[name] = raw.mode
+    assert modes == {"cmyk.jpg": "CMYK", "grey16.png": "I;16", "rgba.png": "RGBA", "la.png": "LA",
+                     "palette_transparent.png": "P", "bilevel.png": "1"}
+
+
+def test_bombs_are_small_files_declaring_huge_sizes(bad_corpus: Path) -> None:
+    for name, pixels in [("bomb.png", 20000 * 20000), ("bomb_warning.png", 10000 * 10000)]:
+        assert (bad_corpus / name).stat().st_size < 100_000
+        assert int.from_bytes((bad_corpus / name).read_bytes()[16:20]) ** 2 == pixels  # IHDR width
+
+
+def test_missing_file_and_directory_raise_image_error(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="file not found"):
+        open_image(tmp_path / "missing.jpg")
+    with pytest.raises(ImageError, match="unreadable file"):
+        probe(tmp_path)
+
+
+def test_draft_decodes_jpeg_smaller_but_still_upright_rgb(bad_corpus: Path, sample_images: dict[str, bytes]) -> None:
+    full = open_image(sample_images["a.jpg"])
+    small = open_image(sample_images["a.jpg"], draft=(16, 12))
+    assert full.size == (64, 48) and small.size == (16, 12) and small.mode == "RGB"
+    turned = open_image(bad_corpus / "orientation_6.jpg", draft=(16, 24))
+    assert turned.size[0] > turned.size[1]  # still displayed landscape
+    assert turned.getpixel((1, 1))[0] > 200 and turned.getpixel((1, 1))[1] < 80  # red block top-left
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open files through /proc")
+def test_decoding_leaves_no_file_open(bad_corpus: Path) -> None:
+    before = len(list(Path("/proc/self/fd").iterdir()))
+    kept = []  # a caller recording failures keeps the errors (and their tracebacks) alive
+    for name in sorted(CORPUS):
+        try:
+            kept.append(open_image(bad_corpus / name))
+        except ImageError as error:
+            kept.append(error)
+    assert len(list(Path("/proc/self/fd").iterdir())) == before
