@@ -12,15 +12,19 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements-dev.txt -e .
 	touch $(STAMP)
 
-# Debian packages the tests use (PostgreSQL 15 + PL/Python); installs only what is missing.
+# Debian packages the tests use (PostgreSQL 15 + PL/Python, Chromium) and Azurite from npm;
+# installs only what is missing.
 system-deps:
 	@bash scripts/install-system-deps.sh
+	@bash scripts/install-azurite.sh
 
+# Render the sample set, run the whole pipeline on SQLite, and ask for the 10 most similar to one image.
 demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(BIN)/lookalike samples $(DEMO)/samples
-	$(BIN)/lookalike --db sqlite:///$(DEMO)/lookalike.db load $(DEMO)/samples/manifest.tsv
-	$(BIN)/lookalike --db sqlite:///$(DEMO)/lookalike.db status
+	$(BIN)/lookalike --db sqlite:///$(DEMO)/lookalike.db run $(DEMO)/samples/manifest.tsv --plot $(DEMO)/evaluation.png
+	$(BIN)/lookalike -q samples $(DEMO)/new --per-label 1 --seed 7 --copy-share 0 >/dev/null
+	$(BIN)/lookalike --db sqlite:///$(DEMO)/lookalike.db similar $(DEMO)/new/leopard/leopard_0000.jpg --sheet $(DEMO)/similar.png
 
 test: $(STAMP) system-deps
 	CI=$${CI:-1} $(BIN)/pytest -q

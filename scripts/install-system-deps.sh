@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs the Debian packages that the tests need, if they are missing.
+# Installs the Debian packages that the tests need, if they are missing:
+# PostgreSQL 15 with PL/Python, and Chromium for the web page tests.
 set -euo pipefail
-packages=(postgresql-15 postgresql-plpython3-15)
+packages=(postgresql-15 postgresql-plpython3-15 chromium chromium-driver)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

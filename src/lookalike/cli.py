@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import ConfigError, mask_secrets
+from .images import ImageError
 
 log = logging.getLogger("lookalike")
 
@@ -50,6 +51,112 @@ def cmd_status(args) -> int:
     from .status import collection_status
     with _open_db(args) as db:
         print("\n".join(collection_status(db).lines()))
+    return 0
+
+
+def cmd_hash(args) -> int:
+    from .hashing import hash_images
+    with _open_db(args) as db:
+        summary = hash_images(db, imagehash_sizes=args.imagehash_sizes, draft=args.draft, progress=_progress(args))
+    print("\n".join(summary.lines()))
+    return 130 if summary.interrupted else 0
+
+
+def cmd_dedupe(args) -> int:
+    from .dedupe import dedupe_images
+    with _open_db(args) as db:
+        summary = dedupe_images(db, rule=args.rule, hash_kind=args.hash, size=args.size,
+                                max_distance=args.max_distance, per_label=args.per_label,
+                                include_low_detail=args.include_low_detail)
+        print("\n".join(summary.lines()))
+        if args.html:
+            _duplicates_html(db, args.html)
+    return 0
+
+
+def _duplicates_html(db, path: Path) -> None:
+    from .reports import duplicate_groups_report, write_html
+    write_html(duplicate_groups_report(db), path, db)
+    print(f"report: {path}")
+
+
+def cmd_duplicates(args) -> int:
+    from .reports import duplicate_groups_report
+    with _open_db(args) as db:
+        groups = duplicate_groups_report(db, args.run)
+        if not groups:
+            print("no duplicate groups (run `lookalike dedupe` first)")
+        for group in groups:
+            print(f"group {group.group_id} ({len(group.members)} images)")
+            for m in group.members:
+                mark = "keep" if m.is_keeper else f"d={m.distance}"
+                print(f"  {mark:>6}  {m.image_id:>7}  {m.label or '':<12} {m.width}x{m.height} "
+                      f"{m.byte_size:>9} B  {m.format or '':<5} {m.source}")
+        if args.html:
+            _duplicates_html(db, args.html)
+    return 0
+
+
+def cmd_uniques(args) -> int:
+    from .dedupe import unique_counts
+    with _open_db(args) as db:
+        table = unique_counts(db, include_low_detail=args.include_low_detail)
+    print("\n".join(table.lines()))
+    if args.plot:
+        from .reports import plot_unique_counts
+        plot_unique_counts(table, args.plot)
+        print(f"plot: {args.plot}")
+    return 0
+
+
+def cmd_is_duplicate(args) -> int:
+    from .dedupe import default_max_distance, hash_bits, is_duplicate
+    from .ingest import FetchLimits
+    from .search import query_bytes
+    data = query_bytes(args.image, FetchLimits())
+    radius = default_max_distance(args.hash, args.size) if args.max_distance is None else args.max_distance
+    with _open_db(args) as db:
+        # Nearest stored hashes whatever their distance; the radius decides the verdict.
+        nearest = is_duplicate(db, data, hash_kind=args.hash, size=args.size, max_distance=hash_bits(args.hash, args.size),
+                               limit=args.top, include_low_detail=args.include_low_detail)
+    within = [m for m in nearest if m.distance <= radius]
+    print(f"{'image':>7}  {'label':<12} {'distance':>8}")
+    for m in nearest:
+        print(f"{m.image_id:>7}  {m.label or '':<12} {m.distance:>8}{'  within radius' if m.distance <= radius else ''}")
+    if within:
+        print(f"duplicate: {len(within)} stored image(s) within {radius} bits ({args.hash} size {args.size})")
+        return 0
+    print(f"not a duplicate: no stored image within {radius} bits ({args.hash} size {args.size})"
+          + ("" if nearest else "; nothing to compare with (flat image, or run `lookalike hash` first)"))
+    return 1
+
+
+def cmd_export(args) -> int:
+    from .export import export_images
+    with _open_db(args) as db:
+        summary = export_images(db, args.dest, name_by=args.name_by, dry_run=args.dry_run,
+                                concurrency=args.concurrency, progress=_progress(args),
+                                create_container=args.create_container,
+                                connection_string_env=args.connection_string_env)
+    print("\n".join(summary.lines()))
+    return 130 if getattr(summary, "interrupted", False) else 0
+
+
+def cmd_serve(args) -> int:
+    from .web.app import serve
+    serve(args.db, args.store, host=args.host, port=args.port, allow_private_urls=args.allow_private_urls)
+    return 0
+
+
+def cmd_db_install(args) -> int:
+    from .plpython import install
+    print("\n".join(install(args.db, args.target, store_dir=args.store).lines()))
+    return 0
+
+
+def cmd_db_uninstall(args) -> int:
+    from .plpython import uninstall
+    print("\n".join(uninstall(args.db, drop_data=args.drop_data).lines()))
     return 0
 
 
@@ -121,11 +228,11 @@ def cmd_similar(args) -> int:
 
 def _similar_sheet(db, query, matches, path: Path) -> None:
     from .images import open_image
-    from .search import _query_bytes, image_sha256
+    from .search import query_bytes, image_sha256
     from .ingest import FetchLimits
     from .sheets import contact_sheet
     query_data = (db.store.get(image_sha256(db, int(query))) if str(query).isdigit()
-                  else _query_bytes(query, FetchLimits()))
+                  else query_bytes(query, FetchLimits()))
     tiles = [(open_image(query_data), "query")]
     tiles += [(open_image(db.store.get(image_sha256(db, m.image_id))), f"{m.rank}. {m.label}\nsim {m.similarity:.3f}")
               for m in matches]
@@ -139,7 +246,7 @@ def cmd_run(args) -> int:
         summary = run_pipeline(db, args.source, seed=args.seed, test_ratio=args.test_ratio, top=args.top,
                                plot=args.plot, progress=_progress(args), device=args.device)
     print("\n".join(summary.lines()))
-    return 0
+    return 130 if summary.interrupted else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +283,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", parents=[common], help="counts per label and status")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("hash", parents=[common], help="perceptual hashes (dHash 1..8, a/d/p/wHash) for new images")
+    p.add_argument("--imagehash-sizes", type=int, nargs="+", default=[8], metavar="N",
+                   help="sizes for aHash/dHash/pHash/wHash (powers of two; default 8)")
+    p.add_argument("--draft", action="store_true",
+                   help="decode JPEGs at reduced scale: faster, hashes differ from the reference packages")
+    p.set_defaults(func=cmd_hash)
+
+    p = sub.add_parser("dedupe", parents=[common], help="group duplicate images by their hashes (never deletes)")
+    p.add_argument("--rule", choices=["exact", "near"], default="near",
+                   help="exact: equal hashes, in SQL; near: within --max-distance bits (default)")
+    p.add_argument("--hash", choices=["dhash_rowcol", "ahash", "dhash", "phash", "whash"],
+                   help="hash kind (default: dhash_rowcol; size 3 for exact, 8 for near)")
+    p.add_argument("--size", type=int, help="hash size")
+    p.add_argument("--max-distance", type=int, help="near rule radius in bits (default: 10 for 64-bit hashes)")
+    p.add_argument("--per-label", action="store_true", help="group only images with the same label")
+    p.add_argument("--include-low-detail", action="store_true", help="let flat images join groups")
+    p.add_argument("--html", type=Path, help="also write an HTML report of the groups")
+    p.set_defaults(func=cmd_dedupe)
+
+    p = sub.add_parser("duplicates", parents=[common], help="list the groups of the latest dedupe run")
+    p.add_argument("--run", type=int, help="dedupe run id (default: the latest)")
+    p.add_argument("--html", type=Path, help="write an HTML page with thumbnails, keeper marked")
+    p.set_defaults(func=cmd_duplicates)
+
+    p = sub.add_parser("uniques", parents=[common], help="unique images per label at each dHash size 8..1")
+    p.add_argument("--plot", type=Path, help="save the table as a PNG plot")
+    p.add_argument("--include-low-detail", action="store_true")
+    p.set_defaults(func=cmd_uniques)
+
+    p = sub.add_parser("is-duplicate", parents=[common], help="is a new image a near-copy of a stored one?")
+    p.add_argument("image", help="a path or URL")
+    p.add_argument("--hash", default="dhash_rowcol", choices=["dhash_rowcol", "ahash", "dhash", "phash", "whash"])
+    p.add_argument("--size", type=int, default=8)
+    p.add_argument("--max-distance", type=int, help="radius in bits (default as the near rule)")
+    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--include-low-detail", action="store_true")
+    p.set_defaults(func=cmd_is_duplicate)
 
     p = sub.add_parser("featurize", parents=[common], help="CNN embeddings for images that have none")
     p.add_argument("--backbone", default="efficientnet-lite0")
@@ -231,6 +376,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--plot", type=Path, help="save the evaluation plot")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("export", parents=[common],
+                       help="write the unique images as Train/<label>/, Test/<label>/ with a manifest")
+    p.add_argument("dest", help="a folder, or az://container/prefix (Azure Blob Storage)")
+    p.add_argument("--name-by", choices=["sha256", "dhash"], default="sha256", help="file names")
+    p.add_argument("--dry-run", action="store_true", help="list what would be written, write nothing")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--create-container", action="store_true", help="create the blob container if missing")
+    p.add_argument("--connection-string-env", default="AZURE_STORAGE_CONNECTION_STRING",
+                   help="environment variable holding the storage connection string")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", parents=[common], help="the web page and JSON API")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--allow-private-urls", action="store_true",
+                   help="let URL queries fetch from loopback and private networks")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("db", parents=[common], help="PostgreSQL: install or remove the PL/Python procedures")
+    dsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    d = dsub.add_parser("install", parents=[common], help="schema, plpython3u, packages and procedures")
+    d.add_argument("--target", type=Path, help="folder the server's Python imports lookalike from "
+                                               "(default /var/lib/lookalike/python3.11)")
+    d.set_defaults(func=cmd_db_install)
+    d = dsub.add_parser("uninstall", parents=[common], help="drop the procedures and remove the packages")
+    d.add_argument("--drop-data", action="store_true", help="also drop schema lookalike and all its tables")
+    d.set_defaults(func=cmd_db_uninstall)
     return parser
 
 
@@ -245,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ConfigError, ValueError, LookupError, FileNotFoundError) as exc:
+    except (ConfigError, ValueError, LookupError, FileNotFoundError, ImageError) as exc:
         print(f"error: {mask_secrets(str(exc))}", file=sys.stderr)
         return 2
 

@@ -135,6 +135,7 @@ embeddings = sa.Table(
     sa.Column("model_id", sa.Integer, sa.ForeignKey("feature_models.id", ondelete="CASCADE"), primary_key=True),
     sa.Column("vector", sa.LargeBinary, nullable=False),  # float32, little-endian, unit length
 )
+sa.Index("embeddings_by_model", embeddings.c.model_id, embeddings.c.image_id)
 
 # ---- split step: a stored random number per image, so another ratio re-cuts without new randomness.
 splits = sa.Table(
@@ -313,7 +314,9 @@ class Database:
     def _ensure_schema(self) -> None:
         if self.dialect == "postgresql":
             with self.engine.begin() as conn:
-                conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{PG_SCHEMA}"'))
+                # Checked first: CREATE SCHEMA needs a privilege a role using an installed schema may lack.
+                if conn.execute(sa.text("SELECT to_regnamespace(:s)"), {"s": PG_SCHEMA}).scalar() is None:
+                    conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{PG_SCHEMA}"'))
         with self.engine.begin() as conn:
             found = _read_version(conn)
             if found is not None and found > SCHEMA_VERSION:
@@ -321,6 +324,8 @@ class Database:
                                   f"({SCHEMA_VERSION}); upgrade lookalike")
             metadata.create_all(conn)  # creates only missing tables
             _migrate(conn, found)
+            from .dedupe import ensure_views
+            ensure_views(conn, self.dialect)
             if found != SCHEMA_VERSION:
                 conn.execute(sa.delete(settings).where(settings.c.key == "schema_version"))
                 conn.execute(sa.insert(settings).values(key="schema_version", value=str(SCHEMA_VERSION)))
@@ -358,6 +363,8 @@ def _make_engine(url) -> Engine:
             cur.execute("PRAGMA synchronous=NORMAL")  # durable at each checkpoint, much faster
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
+            from .dedupe import register_sqlite_functions
+            register_sqlite_functions(dbapi_conn)
         return engine
     return sa.create_engine(url, connect_args={"options": f"-c search_path={PG_SCHEMA},public"},
                             pool_pre_ping=True)

@@ -19,6 +19,7 @@ from .db import Database, query_images, recorded_run, splits
 @dataclass
 class PipelineSummary:
     steps: list[tuple[str, float, list[str]]] = field(default_factory=list)  # (step, seconds, lines)
+    interrupted: bool = False
 
     def lines(self) -> list[str]:
         out = []
@@ -26,22 +27,24 @@ class PipelineSummary:
             out.append(f"[{step}] {seconds:.1f} s")
             out += [f"  {line}" for line in lines]
         out.append(f"total {sum(s for _, s, _ in self.steps):.1f} s")
+        if self.interrupted:
+            out.append("interrupted: finished work is kept; run again to do the rest")
         return out
 
 
 def run_pipeline(db: Database, source: str | Path | None = None, *, seed: int = 0, test_ratio: float = 0.25,
-                 dedupe_rule: str = "near", dedupe_hash: str = "phash", dedupe_size: int = 8,
+                 dedupe_rule: str = "near", dedupe_hash: str = "dhash_rowcol", dedupe_size: int = 8,
                  max_distance: int | None = None, top: int = 10, queries_per_label: int = 20,
                  negatives_per_query: int = 100, plot: Path | None = None,
                  progress: bool | None = None, device: str = "cpu") -> PipelineSummary:
     """Run every step; ``source`` (folder or manifest) is loaded first when given."""
     from .classify import train_classifier
-    from .dedupe import DEFAULT_MAX_DISTANCE, dedupe_images
+    from .dedupe import dedupe_images
     from .evaluate import evaluate_model
     from .features import featurize_images
     from .hashing import hash_images
     from .ingest import load_images
-    from .search import add_queries, rank_queries
+    from .search import rank_queries
     from .split import split_images
 
     summary = PipelineSummary()
@@ -50,30 +53,37 @@ def run_pipeline(db: Database, source: str | Path | None = None, *, seed: int = 
         started = time.monotonic()
         result = call()
         summary.steps.append((name, time.monotonic() - started, result.lines()))
+        if getattr(result, "interrupted", False):   # Ctrl-C inside a step: keep its work, run nothing after it
+            raise _Interrupted
         return result
 
     params = dict(source=str(source) if source else None, seed=seed, test_ratio=test_ratio, rule=dedupe_rule,
                   hash=dedupe_hash, size=dedupe_size, max_distance=max_distance, top=top)
     with recorded_run(db, "run", params) as counts:
-        if source is not None:
-            step("load", lambda: load_images(db, source, progress=progress))
-        step("hash", lambda: hash_images(db, progress=progress))
-        step("dedupe", lambda: dedupe_images(
-            db, rule=dedupe_rule, hash_kind=dedupe_hash, size=dedupe_size,
-            max_distance=(DEFAULT_MAX_DISTANCE if max_distance is None else max_distance)
-            if dedupe_rule == "near" else None))
-        step("featurize", lambda: featurize_images(db, device=device, progress=progress))
-        step("split", lambda: split_images(db, test_ratio=test_ratio, seed=seed))
-        step("train", lambda: train_classifier(db, seed=seed))
-        step("evaluate", lambda: evaluate_model(db, queries_per_label=queries_per_label,
-                                                negatives_per_query=negatives_per_query, seed=seed, plot=plot))
-        _default_queries(db)
-        step("rank", lambda: rank_queries(db, top=top))
-        counts.update(steps=[name for name, _, _ in summary.steps])
+        try:
+            if source is not None:
+                step("load", lambda: load_images(db, source, progress=progress))
+            step("hash", lambda: hash_images(db, progress=progress))
+            step("dedupe", lambda: dedupe_images(
+                db, rule=dedupe_rule, hash_kind=dedupe_hash, size=dedupe_size, max_distance=max_distance))
+            step("featurize", lambda: featurize_images(db, device=device, progress=progress))
+            step("split", lambda: split_images(db, test_ratio=test_ratio, seed=seed))
+            step("train", lambda: train_classifier(db, seed=seed))
+            step("evaluate", lambda: evaluate_model(db, queries_per_label=queries_per_label,
+                                                    negatives_per_query=negatives_per_query, seed=seed, plot=plot))
+            default_queries(db)
+            step("rank", lambda: rank_queries(db, top=top))
+        except _Interrupted:
+            summary.interrupted = True
+        counts.update(steps=[name for name, _, _ in summary.steps], interrupted=summary.interrupted)
     return summary
 
 
-def _default_queries(db: Database) -> None:
+class _Interrupted(Exception):
+    pass
+
+
+def default_queries(db: Database) -> None:
     """With no queries given, rank the test split (as the original ranked its test images)."""
     from .search import add_queries
     with db.engine.connect() as conn:

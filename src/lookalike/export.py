@@ -1,0 +1,551 @@
+"""Export step: the unique images of the split, as ``Train/<label>/…`` and ``Test/<label>/…`` files.
+
+The destination is a local folder (a path or ``file://`` URL) or an Azure Blob
+Storage container (``az://container/prefix``, the account from a connection
+string in an environment variable). Each image is named by its sha256, or by
+its dHash (size 8) with ``name_by="dhash"``, with the extension of its real
+format. Beside the images go two manifests: ``transferimages.txt``
+(``url<TAB>folder<TAB>filename``, as in the dHash lab) and ``manifest.csv``.
+
+Exported are the images that have a split and are still unique (ok, and not a
+non-keeper of the latest dedupe run). Objects are written concurrently; every
+object is complete or absent (a local file is written under a temporary name
+and renamed, a blob is committed in one request), so an interrupted export is
+resumed by running it again: an object already there with the same size and
+content hash is not written again. The manifests are written last, only when
+every image is in place. Nothing at the destination is ever deleted.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import re
+import sys
+import time
+import uuid
+from collections import Counter, defaultdict
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+from urllib.parse import quote, unquote, urlparse
+
+import sqlalchemy as sa
+from tqdm import tqdm
+
+from .config import mask_secrets
+from .db import Database, image_hashes, images, recorded_run, splits
+from .images import EXTENSIONS
+from .split import is_unique_image, non_keepers
+from .store import sha256_hex
+
+DEFAULT_CONCURRENCY = 8
+CONNECTION_STRING_ENV = "AZURE_STORAGE_CONNECTION_STRING"
+NAME_BY = ("sha256", "dhash")
+DHASH_NAME = ("dhash_rowcol", 8)   # the hash kind and size that name_by="dhash" uses
+SPLIT_FOLDERS = {"train": "Train", "test": "Test"}
+TRANSFER_MANIFEST = "transferimages.txt"
+CSV_MANIFEST = "manifest.csv"
+CSV_COLUMNS = ("image_id", "label", "split", "path", "sha256", "byte_size")
+
+# By Pillow format name; anything else is sent as octet-stream.
+CONTENT_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "GIF": "image/gif",
+                 "WEBP": "image/webp", "BMP": "image/bmp", "TIFF": "image/tiff", "PPM": "image/x-portable-pixmap",
+                 "TGA": "image/x-tga", "ICO": "image/vnd.microsoft.icon"}
+MANIFEST_TYPES = {TRANSFER_MANIFEST: "text/plain; charset=utf-8", CSV_MANIFEST: "text/csv; charset=utf-8"}
+
+# Azure's rule for container names: 3-63 of a-z, 0-9 and single hyphens, starting and ending alphanumeric.
+_CONTAINER = re.compile(r"^(?=.{3,63}$)[a-z0-9]+(-[a-z0-9]+)*$")
+# Characters a label may not keep in a path segment: separators, controls, and what Windows forbids.
+_UNSAFE_IN_SEGMENT = re.compile(r'[\x00-\x1f\x7f-\x9f/\\<>:"|?*]')
+_AZURE_RETRY = dict(initial_backoff=1, increment_base=2, retry_total=3, random_jitter_range=1)
+_AZURE_TIMEOUTS = dict(connection_timeout=10, read_timeout=60)
+
+
+class ExportError(ValueError):
+    """An export that cannot start (no split, bad destination, bad credentials); nothing was written."""
+
+
+# ---------------------------------------------------------------- what to export
+
+@dataclass(frozen=True)
+class ExportObject:
+    """One image as it is exported."""
+
+    image_id: int
+    label: str
+    split: str          # train | test
+    folder: str         # e.g. "Train/dotted/"
+    name: str           # e.g. "<sha256>.jpg"
+    sha256: str
+    byte_size: int
+    content_type: str
+
+    @property
+    def key(self) -> str:
+        """The object's path under the destination."""
+        return self.folder + self.name
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    objects: tuple[ExportObject, ...]
+    sha256_fallbacks: int                 # images named by sha256 because their dHash name collided
+    renamed_labels: dict[str, str]        # label -> the folder name it was sanitised to
+    duplicates_left_out: int              # split images that are non-keepers of a later dedupe run
+    unsplit: int                          # unique images without a split
+
+
+def label_segment(label: str | None) -> str:
+    """A label as one safe path segment: separators and control characters become ``_``.
+
+    Raises :class:`ExportError` for labels that leave nothing usable (empty, ``.``, ``..``).
+    """
+    segment = _UNSAFE_IN_SEGMENT.sub("_", label or "").strip().rstrip(". ")
+    if not segment or len(segment.encode()) > 255:
+        raise ExportError(f"label {label!r} cannot be a folder name (empty, only dots, or over 255 bytes)")
+    return segment
+
+
+def plan_export(db: Database, *, name_by: str = "sha256") -> ExportPlan:
+    """Which images go where: one :class:`ExportObject` per unique image with a split, by key."""
+    if name_by not in NAME_BY:
+        raise ExportError(f"name_by must be one of {NAME_BY}, not {name_by!r}")
+    with db.engine.connect() as conn:
+        if conn.execute(sa.select(sa.func.count()).select_from(splits)).scalar_one() == 0:
+            raise ExportError("no split yet: run `lookalike split` first")
+        rows = conn.execute(
+            sa.select(images.c.id, images.c.label, images.c.sha256, images.c.format, images.c.byte_size,
+                      splits.c.split)
+            .join_from(splits, images, splits.c.image_id == images.c.id)
+            .where(is_unique_image()).order_by(images.c.id)).all()
+        duplicates_left_out = conn.execute(
+            sa.select(sa.func.count()).select_from(splits).where(splits.c.image_id.in_(non_keepers()))
+        ).scalar_one()
+        unsplit = conn.execute(sa.select(sa.func.count()).select_from(images).where(
+            is_unique_image(), ~sa.exists().where(splits.c.image_id == images.c.id))).scalar_one()
+        dhashes = {}
+        if name_by == "dhash":
+            kind, size = DHASH_NAME
+            dhashes = dict(conn.execute(
+                sa.select(image_hashes.c.image_id, image_hashes.c.hex)
+                .join_from(splits, image_hashes, splits.c.image_id == image_hashes.c.image_id)
+                .where(image_hashes.c.kind == kind, image_hashes.c.size == size)).all())
+
+    segments = {label: label_segment(label) for label in sorted({row.label for row in rows})}
+    by_segment = defaultdict(list)
+    for label, segment in segments.items():
+        by_segment[segment].append(label)
+    clashes = [labels for labels in by_segment.values() if len(labels) > 1]
+    if clashes:
+        raise ExportError(f"labels {clashes[0]} would share one folder name {label_segment(clashes[0][0])!r}; "
+                          "rename one of them")
+
+    if name_by == "dhash":
+        missing = sum(1 for row in rows if row.id not in dhashes)
+        if missing:
+            raise ExportError(f"{missing} images have no {DHASH_NAME[0]} size {DHASH_NAME[1]} hash: "
+                              "run `lookalike hash` first, or name them by sha256")
+
+    def stem(row) -> str:
+        return dhashes[row.id] if name_by == "dhash" else row.sha256
+
+    # A dHash name taken twice in one folder would overwrite: those images keep their sha256 name.
+    taken = Counter((row.split, row.label, stem(row)) for row in rows)
+    objects, fallbacks = [], 0
+    for row in rows:
+        name = stem(row)
+        if taken[(row.split, row.label, name)] > 1:
+            name, fallbacks = row.sha256, fallbacks + 1
+        objects.append(ExportObject(
+            image_id=row.id, label=row.label, split=row.split,
+            folder=f"{SPLIT_FOLDERS[row.split]}/{segments[row.label]}/",
+            name=f"{name}.{EXTENSIONS.get(row.format, (row.format or 'bin').lower())}",
+            sha256=row.sha256, byte_size=row.byte_size,
+            content_type=CONTENT_TYPES.get(row.format, "application/octet-stream")))
+    objects.sort(key=lambda o: o.key)
+    return ExportPlan(tuple(objects), fallbacks,
+                      {label: seg for label, seg in segments.items() if seg != label},
+                      duplicates_left_out, unsplit)
+
+
+# ---------------------------------------------------------------- destinations
+
+class Target(Protocol):
+    display: str   # where, safe to print
+
+    def open(self, *, dry_run: bool) -> None: ...
+    def holds(self, key: str, size: int, sha256: str, content_type: str, data: Callable[[], bytes]) -> bool: ...
+    def put(self, key: str, data: bytes, sha256: str, content_type: str) -> None: ...
+    def url(self, key: str) -> str: ...
+    def keys(self) -> set[str]: ...
+    def close(self) -> None: ...
+
+
+class FolderTarget:
+    """A local folder; each file is written under a temporary name and renamed into place."""
+
+    def __init__(self, root: Path):
+        self.root = root.expanduser().resolve()
+        self.display = str(self.root)
+
+    def open(self, *, dry_run: bool) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise ExportError(f"{self.root} exists and is not a folder")
+        if not dry_run:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ExportError(f"cannot create {self.root}: {exc.strerror}") from None
+
+    def holds(self, key: str, size: int, sha256: str, content_type: str, data: Callable[[], bytes]) -> bool:
+        path = self.root / key
+        try:
+            return path.stat().st_size == size and sha256_hex(path.read_bytes()) == sha256
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return False
+
+    def put(self, key: str, data: bytes, sha256: str, content_type: str) -> None:
+        path = self.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+        # os.open with mode 0o666 so the file gets the user's umask, as a plain copy would.
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            os.replace(temporary, path)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+
+    def url(self, key: str) -> str:
+        return (self.root / key).as_uri()
+
+    def keys(self) -> set[str]:
+        return {path.relative_to(self.root).as_posix()
+                for folder in SPLIT_FOLDERS.values() if (self.root / folder).is_dir()
+                for path in (self.root / folder).rglob("*") if path.is_file() and not path.name.startswith(".")}
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class _Blob:
+    size: int
+    content_type: str | None
+    md5: bytes | None
+    sha256: str | None
+
+
+class BlobTarget:
+    """A container in Azure Blob Storage, through the official client and its retry policy."""
+
+    def __init__(self, container: str, prefix: str, connection_string: str, *, concurrency: int,
+                 create_container: bool, env_name: str):
+        self.container_name, self.prefix = container, prefix
+        self.display = f"az://{container}/{prefix}"
+        self.create_container = create_container
+        self._connection_string, self._env_name = connection_string, env_name
+        self._concurrency = concurrency
+        self._existing: dict[str, _Blob] = {}
+        self._container = None
+
+    def mask(self, text: str) -> str:
+        """``text`` with the connection string's secrets hidden, however they appear."""
+        text = mask_secrets(text)
+        for part in self._connection_string.split(";"):
+            name, _, value = part.partition("=")
+            if name.strip().lower() in ("accountkey", "sharedaccesssignature") and len(value) >= 8:
+                text = text.replace(value, "***")
+        return text
+
+    def open(self, *, dry_run: bool) -> None:
+        from azure.core.exceptions import AzureError
+        from azure.storage.blob import BlobServiceClient, ExponentialRetry
+
+        try:
+            service = BlobServiceClient.from_connection_string(
+                self._connection_string, retry_policy=ExponentialRetry(**_AZURE_RETRY),
+                transport=_transport(self._concurrency), **_AZURE_TIMEOUTS)
+        except ValueError as exc:
+            raise ExportError(f"${self._env_name} is not a usable storage connection string: "
+                              f"{self.mask(str(exc))}") from None
+        self._container = service.get_container_client(self.container_name)
+        where = f"container {self.container_name!r} at {service.url}"
+        try:
+            exists = self._container.exists()
+            if not exists and not self.create_container:
+                raise ExportError(f"{where} does not exist: create it, or pass --create-container")
+            if not exists and not dry_run:
+                self._container.create_container()
+            if exists:
+                for blob in self._container.list_blobs(name_starts_with=self.prefix or None, include=["metadata"]):
+                    settings = blob.content_settings
+                    self._existing[blob.name[len(self.prefix):]] = _Blob(
+                        blob.size, settings.content_type,
+                        bytes(settings.content_md5) if settings.content_md5 else None,
+                        (blob.metadata or {}).get("sha256"))
+        except AzureError as exc:
+            hint = (f" (check the account name and key in ${self._env_name})"
+                    if getattr(exc, "status_code", None) in (401, 403) else "")
+            raise ExportError(f"cannot use {where}: {self.mask(_azure_reason(exc))}{hint}") from None
+
+    def holds(self, key: str, size: int, sha256: str, content_type: str, data: Callable[[], bytes]) -> bool:
+        found = self._existing.get(key)
+        if found is None or found.size != size or found.content_type != content_type:
+            return False
+        if found.sha256:  # set by us on upload: no need to read the bytes
+            return found.sha256 == sha256
+        return found.md5 is not None and found.md5 == hashlib.md5(data()).digest()
+
+    def put(self, key: str, data: bytes, sha256: str, content_type: str) -> None:
+        from azure.core.exceptions import AzureError
+        from azure.storage.blob import ContentSettings
+
+        settings = ContentSettings(content_type=content_type, content_md5=bytearray(hashlib.md5(data).digest()))
+        try:
+            self._container.upload_blob(self.prefix + key, data, overwrite=True, content_settings=settings,
+                                        metadata={"sha256": sha256}, validate_content=True)
+        except AzureError as exc:
+            raise OSError(self.mask(_azure_reason(exc))) from None
+
+    def url(self, key: str) -> str:
+        return f"{self._container.url}/{quote(self.prefix + key, safe='/')}"
+
+    def keys(self) -> set[str]:
+        return {key for key in self._existing if key.split("/", 1)[0] in SPLIT_FOLDERS.values()}
+
+    def close(self) -> None:
+        if self._container is not None:
+            self._container.close()
+
+
+def _transport(concurrency: int):
+    """The client's HTTP transport with a connection pool as big as the thread pool."""
+    import requests
+    from azure.core.pipeline.transport import RequestsTransport
+    from urllib3.util.retry import Retry
+
+    session = requests.Session()
+    # Retries are the storage client's retry policy's job, not urllib3's.
+    adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=max(concurrency, 10),
+                                            max_retries=Retry(total=False, redirect=False, raise_on_status=False))
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return RequestsTransport(session=session, session_owner=True)
+
+
+def _azure_reason(exc: Exception) -> str:
+    code = getattr(exc, "error_code", None)
+    code = getattr(code, "value", code)  # the client gives a StorageErrorCode enum, or a plain string
+    message = (getattr(exc, "message", None) or str(exc) or type(exc).__name__).strip().splitlines()[0]
+    return f"{code}: {message}" if code else f"{type(exc).__name__}: {message}"
+
+
+def open_target(dest: str, *, concurrency: int = DEFAULT_CONCURRENCY, create_container: bool = False,
+                connection_string_env: str = CONNECTION_STRING_ENV) -> Target:
+    """The destination named by ``dest``: a folder path, ``file://`` URL or ``az://container/prefix``."""
+    text = str(dest)
+    scheme = urlparse(text).scheme.lower() if "://" in text else ""
+    if scheme == "":
+        return FolderTarget(Path(text))
+    if scheme == "file":
+        parsed = urlparse(text)
+        if parsed.netloc not in ("", "localhost"):
+            raise ExportError(f"file:// URLs must name a local path, not host {parsed.netloc!r}")
+        return FolderTarget(Path(unquote(parsed.path)))
+    if scheme != "az":
+        raise ExportError(f"unsupported destination {text!r}: use a folder, file:///path or az://container/prefix")
+    parsed = urlparse(text)
+    container = parsed.netloc
+    if not _CONTAINER.match(container):
+        raise ExportError(f"{container!r} is not a valid container name (3-63 characters: a-z, 0-9, hyphens)")
+    parts = [part for part in unquote(parsed.path).split("/") if part]
+    if any(part in (".", "..") for part in parts):
+        raise ExportError(f"the prefix in {text!r} may not contain '.' or '..' segments")
+    connection_string = os.environ.get(connection_string_env, "").strip()
+    if not connection_string:
+        raise ExportError(f"set ${connection_string_env} to the storage account's connection string "
+                          f"to export to {text}")
+    return BlobTarget(container, "".join(part + "/" for part in parts), connection_string,
+                      concurrency=concurrency, create_container=create_container, env_name=connection_string_env)
+
+
+# ---------------------------------------------------------------- the step
+
+@dataclass
+class ExportSummary:
+    destination: str
+    dry_run: bool = False
+    images: int = 0                 # images in the export
+    uploaded: int = 0               # written by this run (or, in a dry run, that would be)
+    already_there: int = 0          # same size and content already at the destination
+    bytes_uploaded: int = 0
+    seconds: float = 0.0
+    manifests_written: int = 0      # of 2; 0 when unchanged, or when images failed
+    failed: dict[str, str] = field(default_factory=dict)  # key -> reason
+    would_write: list[str] = field(default_factory=list)  # dry run: the keys it would write
+    not_in_export: int = 0          # objects under Train/ and Test/ that this export does not list
+    sha256_fallbacks: int = 0
+    renamed_labels: dict[str, str] = field(default_factory=dict)
+    duplicates_left_out: int = 0
+    unsplit: int = 0
+    interrupted: bool = False
+
+    def lines(self) -> list[str]:
+        megabytes = self.bytes_uploaded / 1e6
+        if self.dry_run:
+            out = [f"dry run, nothing written: {self.uploaded} of {self.images} images ({megabytes:.1f} MB) "
+                   f"would be written to {self.destination}, {self.already_there} already there"]
+            out += [f"  would write {key}" for key in self.would_write]
+        else:
+            out = [f"exported {self.images} images to {self.destination}: {self.uploaded} written "
+                   f"({megabytes:.1f} MB), {self.already_there} already there, {len(self.failed)} failed, "
+                   f"in {self.seconds:.1f} s"]
+            if self.images and not self.failed and not self.interrupted:
+                out.append(f"  manifests: {TRANSFER_MANIFEST}, {CSV_MANIFEST} "
+                           f"({'written' if self.manifests_written else 'unchanged'})")
+        out += [f"  failed: {key}: {reason}" for key, reason in sorted(self.failed.items())[:20]]
+        if len(self.failed) > 20:
+            out.append(f"  … and {len(self.failed) - 20} more failures")
+        if self.failed:
+            out.append("  manifests not written: run the same command again to retry the failures")
+        if self.sha256_fallbacks:
+            out.append(f"  {self.sha256_fallbacks} images named by sha256: their dHash name was taken twice "
+                       "in one folder")
+        out += [f"  label {label!r} exported as folder {segment!r}" for label, segment in self.renamed_labels.items()]
+        if self.duplicates_left_out:
+            out.append(f"  left out: {self.duplicates_left_out} split images that the latest dedupe run marks as "
+                       "duplicates (run `lookalike split` again)")
+        if self.unsplit:
+            out.append(f"  left out: {self.unsplit} unique images without a split (no label, or loaded after "
+                       "the split: run `lookalike split` again)")
+        if self.not_in_export:
+            out.append(f"  {self.not_in_export} objects under Train/ and Test/ are not in this export "
+                       "(left in place)")
+        if self.interrupted:
+            out.append("interrupted: every object listed as written is complete; run the same command to finish")
+        return out
+
+
+def export_images(db: Database, dest: str, *, name_by: str = "sha256", dry_run: bool = False,
+                  concurrency: int = DEFAULT_CONCURRENCY, progress: bool | None = None,
+                  create_container: bool = False,
+                  connection_string_env: str = CONNECTION_STRING_ENV) -> ExportSummary:
+    """Write the unique images of the split, and their manifests, to ``dest``; return what happened.
+
+    ``dest`` is a folder path, ``file://`` URL, or ``az://container/prefix`` (connection
+    string in the environment variable ``connection_string_env``; the container must
+    exist unless ``create_container``). Objects already there with the same content are
+    not written again, so a re-run resumes an interrupted export. ``dry_run`` lists what
+    would be written and writes nothing.
+    """
+    if concurrency < 1:
+        raise ExportError("concurrency must be at least 1")
+    started = time.monotonic()
+    plan = plan_export(db, name_by=name_by)
+    target = open_target(dest, concurrency=concurrency, create_container=create_container,
+                         connection_string_env=connection_string_env)
+    summary = ExportSummary(target.display, dry_run=dry_run, images=len(plan.objects),
+                            sha256_fallbacks=plan.sha256_fallbacks, renamed_labels=dict(plan.renamed_labels),
+                            duplicates_left_out=plan.duplicates_left_out, unsplit=plan.unsplit)
+    params = {"dest": target.display, "name_by": name_by, "concurrency": concurrency}
+    with nullcontext({}) if dry_run else recorded_run(db, "export", params) as counts:
+        try:
+            target.open(dry_run=dry_run)
+            _export_objects(db, target, plan.objects, summary, dry_run=dry_run, concurrency=concurrency,
+                            progress=sys.stderr.isatty() if progress is None else progress)
+            if not summary.failed and not summary.interrupted:
+                _write_manifests(target, plan.objects, summary, dry_run=dry_run)
+                summary.not_in_export = len(target.keys() - {o.key for o in plan.objects})
+        finally:
+            target.close()
+            summary.seconds = time.monotonic() - started
+        counts.update(images=summary.images, uploaded=summary.uploaded, already_there=summary.already_there,
+                      bytes=summary.bytes_uploaded, failed=len(summary.failed), interrupted=summary.interrupted)
+    return summary
+
+
+def _export_one(db: Database, target: Target, obj: ExportObject, dry_run: bool) -> int | None:
+    """Write one image unless it is already there; the bytes written (None when it was there)."""
+    if target.holds(obj.key, obj.byte_size, obj.sha256, obj.content_type, lambda: db.store.get(obj.sha256)):
+        return None
+    if dry_run:
+        return obj.byte_size
+    data = db.store.get(obj.sha256)
+    if sha256_hex(data) != obj.sha256:
+        raise OSError(f"the store's copy of image {obj.image_id} is corrupt (sha256 differs)")
+    target.put(obj.key, data, obj.sha256, obj.content_type)
+    return len(data)
+
+
+def _export_objects(db: Database, target: Target, objects: tuple[ExportObject, ...], summary: ExportSummary, *,
+                    dry_run: bool, concurrency: int, progress: bool) -> None:
+    bar = tqdm(total=len(objects), unit="img", desc="export", disable=not progress, leave=False)
+    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="export")
+    queue = iter(objects)
+    in_flight: dict[Future, ExportObject] = {}
+    try:
+        while True:
+            # Bounded window: memory stays flat however many images there are.
+            while len(in_flight) < concurrency * 4:
+                obj = next(queue, None)
+                if obj is None:
+                    break
+                in_flight[pool.submit(_export_one, db, target, obj, dry_run)] = obj
+            if not in_flight:
+                break
+            finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            for future in finished:
+                obj = in_flight.pop(future)
+                try:
+                    written = future.result()
+                except (OSError, ValueError) as exc:
+                    summary.failed[obj.key] = str(exc) or type(exc).__name__
+                else:
+                    if written is None:
+                        summary.already_there += 1
+                    else:
+                        summary.uploaded += 1
+                        summary.bytes_uploaded += written
+                        if dry_run:
+                            summary.would_write.append(obj.key)
+                bar.update(1)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+        for future in in_flight:
+            future.cancel()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+    summary.would_write.sort()
+
+
+def manifest_texts(target: Target, objects: tuple[ExportObject, ...]) -> dict[str, str]:
+    """The two manifests' contents, by file name: the lab's transfer list and a CSV of every image."""
+    transfer = "".join(f"{target.url(o.key)}\t{o.folder}\t{o.name}\n" for o in objects)
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    writer.writerows((o.image_id, o.label, o.split, o.key, o.sha256, o.byte_size) for o in objects)
+    return {TRANSFER_MANIFEST: transfer, CSV_MANIFEST: table.getvalue()}
+
+
+def _write_manifests(target: Target, objects: tuple[ExportObject, ...], summary: ExportSummary, *,
+                     dry_run: bool) -> None:
+    for name, text in manifest_texts(target, objects).items():
+        data = text.encode()
+        sha, content_type = sha256_hex(data), MANIFEST_TYPES[name]
+        if target.holds(name, len(data), sha, content_type, lambda: data):
+            continue
+        summary.manifests_written += 1
+        if dry_run:
+            summary.would_write.append(name)
+        else:
+            target.put(name, data, sha, content_type)

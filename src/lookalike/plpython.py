@@ -1,0 +1,791 @@
+"""The pipeline as PL/Python stored procedures, for a DBA working in psql.
+
+Two halves:
+
+- **Install** (runs in our Python, on the database host): :func:`install` copies
+  lookalike and every distribution it needs into a folder the server can read
+  (hard links where possible), then creates the routines of
+  ``sql/postgres/procedures.sql`` in schema ``lookalike``; :func:`uninstall`
+  takes them away again. PL/Python runs the server's own Python, so its
+  major.minor must be ours (the copied wheels are built for it).
+- **Server** (runs inside a PostgreSQL backend, called from the routine bodies):
+  :func:`call` runs one procedure, :func:`similar` answers ``similar_images``.
+  Each is a thin call of the step function the CLI calls, on a :class:`Database`
+  that connects back to the same server over its unix socket as the current
+  role, so the steps commit exactly as they do from the CLI. Progress and the
+  step's summary reach psql as NOTICEs.
+"""
+
+from __future__ import annotations
+
+import compileall
+import ctypes
+import hashlib
+import importlib.metadata
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import threading
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+from .config import ConfigError, mask_secrets, parse_db_url, resolve_db_url
+from .db import PG_SCHEMA, Database, settings
+
+DEFAULT_TARGET = Path(f"/var/lib/lookalike/python{sys.version_info.major}.{sys.version_info.minor}")
+PATH_SETTING = "plpython_path"         # lookalike.settings key: where install copied the packages
+PREPARED_SETTING = "prepared_data"     # lookalike.settings key: what prepare_data was given
+TARGET_MARKER = ".lookalike-target"    # in every folder install made; nothing else is ever deleted
+PATH_PLACEHOLDER = "@PLPYTHON_PATH@"
+SEED = 0                               # the procedures use the CLI's default seed
+PROGRESS_SECONDS = 5.0                 # at most one progress NOTICE this often
+PREPARED_DEFAULTS = {"test_ratio": 0.25, "queries_per_label": 20, "negatives_per_query": 100}
+HEADER_SUFFIXES = {".h", ".hpp", ".cuh"}  # a third of the files (torch's include/): nothing the server runs
+# Imported by the install check inside the server: every step's module, so a missing dependency shows at once.
+STEP_MODULES = ("ingest", "hashing", "dedupe", "features", "split", "classify", "evaluate", "search", "pipeline")
+
+
+# ====================================================================== install side
+
+@dataclass
+class InstallSummary:
+    database: str                     # masked URL
+    target: Path
+    server_python: str
+    our_python: str
+    distributions: int
+    reused: bool                      # the target already held these very packages
+    linked: int                       # files hard-linked
+    copied: int                       # files copied (other filesystem, not world-readable, or lookalike itself)
+    megabytes: float
+    seconds: float
+    routines: list[str]
+    store: Path
+    server_user: str
+    warnings: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        copied = ("already in place" if self.reused else
+                  f"{self.megabytes:.0f} MB: {self.linked} files hard-linked, {self.copied} copied")
+        out = [f"installed the PL/Python procedures in {self.database} (schema {PG_SCHEMA}) in {self.seconds:.1f} s",
+               f"  packages: {self.distributions} distributions + lookalike, {copied}",
+               f"  into {self.target} (settings key {PATH_SETTING}); server Python {self.server_python}, "
+               f"ours {self.our_python}",
+               f"  routines: {', '.join(self.routines)}",
+               f"  EXECUTE is revoked from PUBLIC: GRANT EXECUTE ON ALL ROUTINES IN SCHEMA {PG_SCHEMA} TO <role> "
+               f"for roles that may run them",
+               f"  image store: {self.store} (the server runs as OS user {self.server_user})"]
+        out += [f"warning: {w}" for w in self.warnings]
+        return out
+
+
+@dataclass
+class UninstallSummary:
+    database: str
+    routines: int
+    removed_target: Path | None
+    dropped_schema: bool
+    warnings: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = [f"dropped {self.routines} PL/Python routines from {self.database}"]
+        out.append(f"  removed {self.removed_target}" if self.removed_target else "  no package folder removed")
+        out.append(f"  dropped schema {PG_SCHEMA} and all its data" if self.dropped_schema
+                   else f"  schema {PG_SCHEMA} and its data are kept (--drop-data drops them)")
+        out += [f"warning: {w}" for w in self.warnings]
+        return out
+
+
+# The routines install makes: every plpython3u routine in the schema.
+_ROUTINES = sa.text("SELECT p.oid::regprocedure::text AS signature, p.proname AS name FROM pg_proc p "
+                    "JOIN pg_language l ON l.oid = p.prolang "
+                    "WHERE p.pronamespace = to_regnamespace(:schema) AND l.lanname = 'plpython3u'")
+
+
+def install(db_url: str | None, target: str | Path | None = None, *,
+            store_dir: str | Path | None = None) -> InstallSummary:
+    """Make lookalike importable to the server's PL/Python and create the procedures.
+
+    Must run on the database host, as a database superuser (plpython3u is an
+    untrusted language). Refuses, before changing anything, when the server has
+    no PL/Python or runs another Python major.minor than this one.
+    """
+    started = time.monotonic()
+    target = _check_target_path(Path(target) if target else DEFAULT_TARGET)
+    url = _postgres_url(db_url)
+    engine = sa.create_engine(url)
+    try:
+        with _connect(engine) as conn:
+            _check_server(conn)
+            probe = _probe(conn, {})
+    finally:
+        engine.dispose()
+    check_python_version(tuple(probe["python"][:2]), sys.version_info[:2])
+
+    dists, missing = required_distributions()
+    wanted = _packages_manifest(dists)
+    previous_umask = os.umask(0o022)  # new folders 755, new files 644
+    try:
+        with Database(db_url, store_dir) as db:
+            linked = copied = size = 0
+            reused = _read_marker(target) == wanted
+            if reused:
+                _check_server_sees(db, target, wanted)
+            else:
+                stage = target.with_name(target.name + ".new")
+                _remove_our_folder(stage)
+                stage.mkdir(parents=True)
+                try:
+                    (stage / TARGET_MARKER).write_text(wanted)
+                    _check_server_sees(db, stage, wanted)
+                    linked, copied, size = _copy_packages(dists, stage, target)
+                except BaseException:
+                    _remove_our_folder(stage)
+                    raise
+                _swap_in(stage, target)
+            with db.engine.connect() as conn:
+                checked = _probe(conn, {"path": str(target), "store": str(db.store.root)})
+            if checked["import_error"]:
+                raise ConfigError(f"the server cannot import lookalike from {target}: {checked['import_error']}")
+            routines = _create_routines(db, target)
+            warnings = [f"{name} is required but not installed here; it was not copied" for name in missing]
+            if not checked["store_ok"]:
+                warnings.append(f"the image store {db.store.root} is not readable and writable by the server's "
+                                f"OS user {checked['user']}: procedures that read or load images will fail "
+                                f"(chown {checked['user']} it, or install again with another --store)")
+            return InstallSummary(db.masked_url, target, ".".join(map(str, probe["python"])),
+                                  ".".join(map(str, sys.version_info[:3])), len(dists), reused, linked, copied,
+                                  size / 1e6, time.monotonic() - started, routines, db.store.root,
+                                  checked["user"], warnings)
+    finally:
+        os.umask(previous_umask)
+
+
+def uninstall(db_url: str | None, drop_data: bool = False) -> UninstallSummary:
+    """Drop the PL/Python routines, remove the package folder install made, and with ``drop_data`` the schema."""
+    url = _postgres_url(db_url)
+    engine = sa.create_engine(url)
+    warnings: list[str] = []
+    try:
+        with _connect(engine) as conn, conn.begin():
+            has_schema = conn.execute(sa.text("SELECT to_regnamespace(:s)"), {"s": PG_SCHEMA}).scalar() is not None
+            path = None
+            if has_schema and conn.execute(sa.text("SELECT to_regclass(:t)"),
+                                           {"t": f"{PG_SCHEMA}.settings"}).scalar() is not None:
+                path = conn.execute(sa.text(f"SELECT value FROM {PG_SCHEMA}.settings WHERE key = :k"),
+                                    {"k": PATH_SETTING}).scalar()
+            routines = [row.signature for row in conn.execute(_ROUTINES, {"schema": PG_SCHEMA})]
+            for routine in routines:
+                conn.exec_driver_sql(f"DROP ROUTINE {routine}")  # regprocedure text: quoted as needed
+            if drop_data and has_schema:
+                conn.exec_driver_sql(f'DROP SCHEMA "{PG_SCHEMA}" CASCADE')
+            elif path is not None:
+                conn.execute(sa.text(f"DELETE FROM {PG_SCHEMA}.settings WHERE key = :k"), {"k": PATH_SETTING})
+    finally:
+        engine.dispose()
+    removed = None
+    if path:
+        users = _databases_using(url, path)
+        if users:
+            warnings.append(f"{path} is kept: the procedures of database(s) {', '.join(users)} use it")
+        elif (Path(path) / TARGET_MARKER).is_file():
+            _remove_our_folder(Path(path))
+            removed = Path(path)
+        elif Path(path).exists():
+            warnings.append(f"{path} has no {TARGET_MARKER} marker: left in place")
+    return UninstallSummary(url.render_as_string(hide_password=True), len(routines), removed,
+                            drop_data and has_schema, warnings)
+
+
+def _databases_using(url, path: str) -> list[str]:
+    """The other databases of this server whose procedures load packages from ``path`` (or can't be checked)."""
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        names = conn.execute(sa.text("SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate "
+                                     "AND datname <> current_database() ORDER BY 1")).scalars().all()
+    users = []
+    for name in names:
+        other = sa.create_engine(url.set(database=name), poolclass=sa.pool.NullPool)
+        try:
+            with other.connect() as conn:
+                if conn.execute(sa.text("SELECT to_regclass(:t)"), {"t": f"{PG_SCHEMA}.settings"}).scalar() is None:
+                    continue
+                used = conn.execute(sa.text(f"SELECT value FROM {PG_SCHEMA}.settings WHERE key = :k"),
+                                    {"k": PATH_SETTING}).scalar()
+        except sa.exc.DBAPIError:
+            used = path  # cannot tell: keep the folder
+        if used == path:
+            users.append(name)
+    return users
+
+
+def check_python_version(server: tuple[int, int], ours: tuple[int, int]) -> None:
+    """Refuse when the server's PL/Python Python is another major.minor than ours (other wheels, other ABI)."""
+    if tuple(server) != tuple(ours):
+        raise ConfigError(f"the server's PL/Python runs Python {server[0]}.{server[1]}, but lookalike is installed "
+                          f"for Python {ours[0]}.{ours[1]} here: the copied packages would not load. Run "
+                          f"`lookalike db install` from a Python {server[0]}.{server[1]} environment")
+
+
+def required_distributions(name: str = "lookalike") -> tuple[list[importlib.metadata.Distribution], list[str]]:
+    """The installed distributions ``name`` needs, recursively, honouring markers and extras (not ``name`` itself).
+
+    Returns them and the names of required distributions that are not installed.
+    """
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    found: dict[str, importlib.metadata.Distribution] = {}
+    missing: list[str] = []
+    done: set[tuple[str, str]] = set()
+    wanted = [(name, "")]
+    while wanted:
+        wanted_name, extra = wanted.pop()
+        key = canonicalize_name(wanted_name)
+        if (key, extra) in done:
+            continue
+        done.add((key, extra))
+        try:
+            dist = found.get(key) or importlib.metadata.distribution(wanted_name)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(wanted_name)
+            continue
+        found[key] = dist
+        for text in dist.requires or []:
+            requirement = Requirement(text)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": extra}):
+                wanted += [(requirement.name, e) for e in ("", *sorted(requirement.extras))]
+    found.pop(canonicalize_name(name), None)
+    return sorted(found.values(), key=lambda d: d.metadata["Name"].lower()), sorted(set(missing))
+
+
+def _postgres_url(db_url: str | None):
+    url = parse_db_url(resolve_db_url(db_url))
+    if url.get_backend_name() != "postgresql":
+        raise ConfigError("`db install` is for PostgreSQL; on SQLite every step already runs in-process")
+    return url
+
+
+def _connect(engine: sa.Engine) -> sa.Connection:
+    try:
+        return engine.connect()
+    except sa.exc.OperationalError as exc:
+        raise ConfigError(f"cannot connect to {engine.url.render_as_string(hide_password=True)}: "
+                          f"{_first_line(exc)}") from None
+
+
+def _check_target_path(target: Path) -> Path:
+    target = target.expanduser().absolute()
+    # The path is written into the routine bodies as a Python string literal.
+    if not target.name or any(c in str(target) for c in "$'\"\\") or not str(target).isprintable():
+        raise ConfigError(f"--target must be a plain folder path (no quotes, $ or backslashes): {target}")
+    if target.exists() and any(target.iterdir()) and not (target / TARGET_MARKER).is_file():
+        raise ConfigError(f"{target} exists and was not made by `lookalike db install`: choose another --target")
+    return target
+
+
+def _check_server(conn) -> None:
+    available = conn.execute(sa.text("SELECT count(*) FROM pg_available_extensions WHERE name = 'plpython3u'"))
+    if not available.scalar():
+        raise ConfigError("PL/Python is not available on this server (no plpython3u in pg_available_extensions): "
+                          "install it on the database host, e.g. apt-get install postgresql-plpython3-15")
+    if not conn.execute(sa.text("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")).scalar():
+        role = conn.execute(sa.text("SELECT current_user")).scalar()
+        raise ConfigError(f"role {role} is not a superuser: plpython3u is an untrusted language, so only a "
+                          f"superuser can install the procedures (connect as postgres); other roles can then be "
+                          f"given EXECUTE on them")
+
+
+# Runs inside the server, in a transaction that is rolled back: it leaves nothing behind.
+_PROBE = """
+CREATE FUNCTION pg_temp.lookalike_probe(request text) RETURNS text LANGUAGE plpython3u AS $probe$
+import json, os, pwd, sys
+asked = json.loads(request)
+answer = {"python": list(sys.version_info[:3]), "user": pwd.getpwuid(os.geteuid()).pw_name}
+if "marker" in asked:
+    try:
+        with open(asked["marker"]) as f:
+            answer["marker"] = f.read()
+    except OSError as exc:
+        answer["marker"] = exc.strerror
+if "path" in asked:
+    sys.path.insert(0, asked["path"])
+    try:
+        for name in asked["modules"]:
+            __import__(name)
+        answer["import_error"] = None
+    except Exception as exc:
+        answer["import_error"] = "%s: %s" % (type(exc).__name__, exc)
+if "store" in asked:
+    store = asked["store"]
+    while not os.path.exists(store) and os.path.dirname(store) != store:
+        store = os.path.dirname(store)
+    answer["store_ok"] = os.access(store, os.R_OK | os.W_OK | os.X_OK)
+return json.dumps(answer)
+$probe$
+"""
+
+
+def _packages_manifest(dists: list[importlib.metadata.Distribution]) -> str:
+    """What a package folder holds: each distribution's version and a digest of lookalike's own files."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(f"{path.relative_to(package)}\0{path.stat().st_size}\0".encode() + path.read_bytes())
+    manifest = {"python": f"{sys.version_info.major}.{sys.version_info.minor}", "lookalike": digest.hexdigest(),
+                "distributions": {d.metadata["Name"]: d.version for d in dists}}
+    return json.dumps(manifest, indent=1, sort_keys=True) + "\n"
+
+
+def _read_marker(folder: Path) -> str | None:
+    try:
+        return (folder / TARGET_MARKER).read_text()
+    except OSError:
+        return None
+
+
+def _check_server_sees(db: Database, folder: Path, marker: str) -> None:
+    """Refuse unless the server reads the same marker file in ``folder`` as we do (same host, readable)."""
+    with db.engine.connect() as conn:
+        seen = _probe(conn, {"marker": str(folder / TARGET_MARKER)})
+    if seen["marker"] != marker:
+        raise ConfigError(f"the server cannot read {folder} ({seen['marker'][:80].strip()}): `db install` must run "
+                          f"on the database host, and every folder above --target must be readable by the "
+                          f"server's OS user {seen['user']}")
+
+
+def _probe(conn, request: dict[str, Any]) -> dict[str, Any]:
+    """Ask the server's PL/Python about itself (version, OS user, what it can read and import)."""
+    if "path" in request:
+        request["modules"] = ["lookalike.plpython", *(f"lookalike.{m}" for m in STEP_MODULES)]
+    try:
+        _run_script(conn, "CREATE EXTENSION IF NOT EXISTS plpython3u;" + _PROBE)
+        answer = conn.execute(sa.text("SELECT pg_temp.lookalike_probe(:r)"), {"r": json.dumps(request)}).scalar()
+    finally:
+        conn.rollback()
+    return json.loads(answer)
+
+
+def _place(source: Path, destination: Path) -> bool:
+    """Hard-link ``source`` when the server may read it as it is, else copy it (mode 644); True if linked."""
+    if destination.exists() or destination.is_symlink():
+        destination.unlink()  # a file two distributions both ship
+    if source.stat().st_mode & 0o444 == 0o444:
+        try:
+            os.link(source, destination)
+            return True
+        except OSError:
+            pass  # another filesystem, or links not allowed
+    shutil.copy2(source, destination)
+    destination.chmod(0o644)
+    return False
+
+
+def _copy_packages(dists: list[importlib.metadata.Distribution], stage: Path, target: Path) -> tuple[int, int, int]:
+    """Put every file of ``dists`` (relative to its site-packages) and the lookalike package into ``stage``.
+
+    The wheels' own ``.pyc`` files come along (they are in their RECORD); lookalike's
+    copy is compiled here, for ``target``, since the server cannot write there.
+    """
+    linked = copied = size = 0
+    for dist in dists:
+        for relative in dist.files or []:
+            if relative.parts[:1] == ("..",) or relative.suffix in HEADER_SUFFIXES:
+                continue  # console scripts outside site-packages; C headers, for building extensions
+            source = Path(dist.locate_file(relative))
+            if not source.is_file():
+                continue
+            destination = stage / relative
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            if _place(source, destination):
+                linked += 1
+            else:
+                copied += 1
+            size += source.stat().st_size
+    # lookalike itself is usually an editable install: copy its package folder, a snapshot of now.
+    package = Path(__file__).resolve().parent
+    shutil.copytree(package, stage / package.name, ignore=shutil.ignore_patterns("__pycache__"),
+                    copy_function=shutil.copy2)
+    compileall.compile_dir(stage / package.name, ddir=str(target / package.name), quiet=2, workers=1)
+    for path in (stage / package.name).rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+        if path.is_file():
+            copied += 1
+            size += path.stat().st_size
+    return linked, copied, size
+
+
+def _swap_in(stage: Path, target: Path) -> None:
+    """Replace ``target`` with ``stage``; sessions that already imported keep what they loaded."""
+    old = target.with_name(target.name + ".old")
+    _remove_our_folder(old)
+    if target.exists():
+        target.rename(old)
+    stage.rename(target)
+    _remove_our_folder(old)
+
+
+def _remove_our_folder(path: Path) -> None:
+    if not path.exists():
+        return
+    if not (path / TARGET_MARKER).is_file():
+        raise ConfigError(f"{path} exists and was not made by `lookalike db install`: not removing it")
+    shutil.rmtree(path)
+
+
+def procedures_sql(target: Path) -> str:
+    """The text of ``sql/postgres/procedures.sql`` with the package folder filled in."""
+    template = files("lookalike").joinpath("sql/postgres/procedures.sql").read_text()
+    return template.replace(PATH_PLACEHOLDER, json.dumps(str(target)))
+
+
+def _create_routines(db: Database, target: Path) -> list[str]:
+    with db.begin() as conn:
+        _run_script(conn, "CREATE EXTENSION IF NOT EXISTS plpython3u;" + procedures_sql(target))
+        conn.execute(postgresql.insert(settings).values(key=PATH_SETTING, value=str(target))
+                     .on_conflict_do_update(index_elements=["key"], set_={"value": str(target)}))
+        return sorted({row.name for row in conn.execute(_ROUTINES, {"schema": PG_SCHEMA})})
+
+
+def _run_script(conn, script: str) -> None:
+    """Run SQL statements as they are: no parameters, so nothing in them is taken for a placeholder."""
+    with conn.connection.cursor() as cursor:
+        cursor.execute(script)
+
+
+def _first_line(exc: Exception) -> str:
+    return mask_secrets(str(getattr(exc, "orig", exc)).strip().splitlines()[0])
+
+
+# ====================================================================== server side
+
+def _load_images(db: Database, source: str | None, label_column: str | None) -> list[str]:
+    from .ingest import load_images
+    return load_images(db, _required(source, "source"), label_column=label_column, progress=True).lines()
+
+
+def _hash_images(db: Database) -> list[str]:
+    from .hashing import hash_images
+    return hash_images(db, progress=True).lines()
+
+
+def _dedupe(db: Database, rule: str | None, hash: str | None, size: int | None,
+            max_distance: int | None) -> list[str]:
+    from .dedupe import dedupe_images
+    # NULL hash, size or max_distance: the rule's defaults, as in the CLI.
+    return dedupe_images(db, rule=_required(rule, "rule"), hash_kind=hash, size=size,
+                         max_distance=max_distance).lines()
+
+
+def _featurize_images(db: Database, backbone: str | None, batch_size: int | None) -> list[str]:
+    from .features import featurize_images
+    return featurize_images(db, backbone=_required(backbone, "backbone"),
+                            batch_size=_required(batch_size, "batch_size"), progress=True).lines()
+
+
+def _prepare_data(db: Database, test_ratio: float | None, queries_per_label: int | None,
+                  negatives_per_query: int | None) -> list[str]:
+    from .split import split_images
+    prepared = {"test_ratio": _required(test_ratio, "test_ratio"),
+                "queries_per_label": _required(queries_per_label, "queries_per_label"),
+                "negatives_per_query": _required(negatives_per_query, "negatives_per_query")}
+    if queries_per_label < 1 or negatives_per_query < 1:
+        raise ValueError("queries_per_label and negatives_per_query must be at least 1")
+    lines = split_images(db, test_ratio=test_ratio, seed=SEED).lines()
+    db.set_setting(PREPARED_SETTING, json.dumps(prepared, sort_keys=True))
+    return lines + [f"evaluate_model and run_once will use: {queries_per_label} queries per label, "
+                    f"{negatives_per_query} negatives per query, test ratio {test_ratio}"]
+
+
+def _train_classifier(db: Database) -> list[str]:
+    from .classify import train_classifier
+    return train_classifier(db, seed=SEED).lines()
+
+
+def _evaluate_model(db: Database) -> list[str]:
+    from .evaluate import evaluate_model
+    prepared = _prepared(db)
+    return evaluate_model(db, queries_per_label=prepared["queries_per_label"],
+                          negatives_per_query=prepared["negatives_per_query"], seed=SEED).lines()
+
+
+def _rank_candidates(db: Database, top_k: int | None) -> list[str]:
+    from .pipeline import default_queries
+    from .search import rank_queries
+    top_k = _required(top_k, "top_k")
+    if not 1 <= top_k <= 1000:
+        raise ValueError("top_k must be between 1 and 1000")
+    default_queries(db)  # as `lookalike run`: with no queries given, the test split is ranked
+    return rank_queries(db, top=top_k).lines()
+
+
+def _run_once(db: Database, source: str | None) -> list[str]:
+    from .pipeline import run_pipeline
+    prepared = _prepared(db)
+    return run_pipeline(db, source, seed=SEED, test_ratio=prepared["test_ratio"],
+                        queries_per_label=prepared["queries_per_label"],
+                        negatives_per_query=prepared["negatives_per_query"], progress=True).lines()
+
+
+PROCEDURES: dict[str, Callable[..., list[str]]] = {
+    "load_images": _load_images, "hash_images": _hash_images, "dedupe": _dedupe,
+    "featurize_images": _featurize_images, "prepare_data": _prepare_data, "train_classifier": _train_classifier,
+    "evaluate_model": _evaluate_model, "rank_candidates": _rank_candidates, "run_once": _run_once,
+}
+
+
+def call(plpy, routine: str, **params: Any) -> Exception | None:
+    """Run procedure ``routine`` with ``params`` inside the server.
+
+    Returns None when it worked, else the exception for the routine body to
+    raise (raised there, the error psql shows carries no traceback from here).
+    NOTICEs: the start, progress while it runs, and the step's summary lines.
+    A cancel or terminate that comes while the step runs stops it as Ctrl-C
+    stops the CLI (see :class:`_Interrupts`); it takes effect once the step is out.
+    """
+    shown = ", ".join(f"{name} => {_sql_literal(value)}" for name, value in params.items())
+    plpy.notice(f"lookalike.{routine}({shown}): started")
+    started = time.monotonic()
+    interrupts = _Interrupts()
+    try:
+        with _notices(plpy, interrupts):
+            lines = PROCEDURES[routine](_server_database(plpy), **params)
+    except KeyboardInterrupt:
+        lines = [f"lookalike.{routine}: interrupted; what it committed is kept"]
+    except Exception as exc:
+        with interrupts.held():
+            return _failure(plpy, routine, exc)
+    with interrupts.held():
+        for line in lines:
+            plpy.notice(line)
+        if not interrupts.pending():
+            plpy.notice(f"lookalike.{routine}: done in {time.monotonic() - started:.1f} s")
+    try:
+        plpy.execute("SELECT 1")  # where the server acts on a cancel or terminate held off so far
+    except plpy.SPIError as exc:
+        return _failure(plpy, routine, exc)
+    return None
+
+
+def similar(plpy, query: int | str | None, k: int | None) -> tuple[list[tuple], Exception | None]:
+    """Rows of ``similar_images`` (rank, image_id, label, distance, similarity, source), or the error to raise."""
+    from .search import similar_images
+    try:
+        matches = similar_images(_server_database(plpy), _required(query, "query"), k=_required(k, "k"))
+    except Exception as exc:
+        return [], _failure(plpy, "similar_images", exc)
+    return [(m.rank, m.image_id, m.label, m.distance, m.similarity, m.source) for m in matches], None
+
+
+def _sql_literal(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    return "'" + value.replace("'", "''") + "'" if isinstance(value, str) else str(value)
+
+
+def _required(value: Any, name: str) -> Any:
+    if value is None:
+        raise ValueError(f"{name} must not be NULL")
+    return value
+
+
+def _prepared(db: Database) -> dict[str, Any]:
+    """The parameters prepare_data remembered, else the defaults."""
+    recorded = db.setting(PREPARED_SETTING)
+    return {**PREPARED_DEFAULTS, **(json.loads(recorded) if recorded else {})}
+
+
+_databases: dict[str, Database] = {}  # per backend: one loopback engine per role and database
+
+
+def _server_database(plpy) -> Database:
+    """The lookalike database this backend serves, reached again over the server's unix socket.
+
+    Same database, same role (``current_user``): libpq authentication applies
+    as for any local client, and no credential is ever stored.
+    """
+    socket_dir, port = _server_address()
+    row = plpy.execute("SELECT current_database() AS database, current_user AS role")[0]
+    url = sa.engine.URL.create("postgresql+psycopg", username=row["role"], database=row["database"],
+                               query={"host": socket_dir, "port": port, "application_name": "lookalike procedure"})
+    key = url.render_as_string(hide_password=False)
+    if key not in _databases:
+        try:
+            _databases[key] = Database(key)
+        except ConfigError as exc:
+            reason = str(exc).split(": ", 1)[-1]  # without the URL
+            raise ConfigError(f"the procedure cannot connect back to database {row['database']} as role "
+                              f"{row['role']} ({reason}); the server's OS user must be able to log in as it "
+                              f"over the unix socket: peer map or trust in pg_hba.conf, or ~/.pgpass") from None
+    return _databases[key]
+
+
+def _server_address() -> tuple[str, str]:
+    """(first unix socket folder, port) of this server, from postmaster.pid.
+
+    A backend's working directory is the data directory, where postmaster.pid
+    records both (lines 5 and 4); unlike ``unix_socket_directories``, reading
+    it needs no SQL privilege. No socket folder: TCP on localhost.
+    """
+    lines = Path("postmaster.pid").read_text().splitlines()
+    return lines[4].strip() or "localhost", lines[3].strip()
+
+
+# SQLSTATEs for the errors a user can fix; anything else is an internal error (XX000).
+_SQLSTATES = [(ConfigError, "22023"), (ValueError, "22023"), (LookupError, "P0002"),
+              (FileNotFoundError, "58P01"), (PermissionError, "42501")]
+
+
+def _failure(plpy, routine: str, exc: Exception) -> Exception:
+    """The exception the routine body raises: ``ERROR: lookalike.<routine>: <message>``, with a SQLSTATE."""
+    if isinstance(exc, plpy.SPIError) or type(exc) is plpy.Error:
+        # From the server itself, e.g. "canceling statement due to user request".
+        message, sqlstate = str(exc), getattr(exc, "sqlstate", None) or "XX000"
+    elif isinstance(exc, sa.exc.DBAPIError) and getattr(exc.orig, "sqlstate", None):
+        # The server's answer on the connection back, e.g. "permission denied for table images".
+        message, sqlstate = _first_line(exc), exc.orig.sqlstate
+    else:
+        sqlstate = next((state for kind, state in _SQLSTATES if isinstance(exc, kind)), None)
+        message = str(exc) if sqlstate else f"{type(exc).__name__}: {exc}"
+        if sqlstate is None:
+            sqlstate = "XX000"
+            plpy.log(f"lookalike.{routine} failed:\n{''.join(traceback.format_exception(exc))}")
+            message += " (the traceback is in the server log)"
+    error_type = type(f"lookalike.{routine}", (plpy.Error,), {"__module__": "builtins"})
+    error = error_type(mask_secrets(message))
+    error.sqlstate = sqlstate
+    return error
+
+
+class _Interrupts:
+    """PostgreSQL's pending-interrupt flags, read from Python without acting on them.
+
+    pg_cancel_backend and pg_terminate_backend only set flags; the server acts
+    on them at its next check, and every plpy call checks. Acting on a terminate
+    exits the process at once, and exiting while a step's worker threads are
+    inside torch crashes it, which makes the server restart every session. So
+    while a step runs, plpy calls hold interrupts off (as HOLD_INTERRUPTS does),
+    a pending one stops the step with KeyboardInterrupt (its threads finish, it
+    keeps what it committed, as on Ctrl-C), and the server acts once it is out.
+    """
+
+    def __init__(self):
+        server = ctypes.CDLL(None)  # the postgres binary, which exports these for extensions
+        self.flags = [ctypes.c_int.in_dll(server, name) for name in ("QueryCancelPending", "ProcDiePending")]
+        self.holdoff = ctypes.c_uint32.in_dll(server, "InterruptHoldoffCount")
+
+    def pending(self) -> bool:
+        return any(flag.value for flag in self.flags)
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        self.holdoff.value += 1
+        try:
+            yield
+        finally:
+            self.holdoff.value -= 1
+
+
+class _NoticeStream(io.TextIOBase):
+    """``sys.stderr`` while a step runs in the server: what it writes reaches psql as NOTICEs.
+
+    Only the backend's main thread may call plpy, so text from other threads
+    waits for the main thread's next write. Lines (warnings, log records) go
+    out as they are; a progress bar (tqdm's latest ``\\r`` state) at most every
+    PROGRESS_SECONDS. Each write from the main thread is also where a pending
+    cancel or terminate stops the step (:class:`_Interrupts`).
+    """
+
+    def __init__(self, plpy, interrupts: _Interrupts):
+        self.plpy, self.interrupts = plpy, interrupts
+        self.text = ""
+        self.last_text = ""
+        self.lock = threading.Lock()
+        self.last_progress = time.monotonic()
+        self.stopped = False  # by a pending interrupt: nothing more is sent
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        with self.lock:
+            self.text += text
+        if threading.current_thread() is threading.main_thread():
+            self.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        if threading.current_thread() is not threading.main_thread() or self.stopped:
+            return
+        if self.interrupts.pending():
+            self.stopped = True
+            raise KeyboardInterrupt
+        self.send()
+
+    def send(self, final: bool = False) -> None:
+        """NOTICE the finished lines (all text when ``final``) and, now and then, the bar."""
+        with self.lock:
+            *lines, self.text = (self.text + "\n" if final else self.text).split("\n")
+            bar = self.text.rsplit("\r", 1)[-1].strip()
+        with self.interrupts.held():
+            for line in lines:
+                self._notice(_without_bar(line.rsplit("\r", 1)[-1]))
+            if bar and time.monotonic() - self.last_progress >= PROGRESS_SECONDS:
+                self._notice(_without_bar(bar))
+                self.last_progress = time.monotonic()
+
+    def _notice(self, text: str) -> None:
+        if text and text != self.last_text:  # a bar's last state is shown once, not again as it closes
+            self.plpy.notice(text)
+            self.last_text = text
+
+
+def _without_bar(text: str) -> str:
+    """tqdm's status text without its bar glyphs: ``load: 40% 12/30 [00:03<00:04, 3.1img/s]``."""
+    return re.sub(r"\|[^|]*\|", " ", text).strip()
+
+
+class _NoticeHandler(logging.Handler):
+    """lookalike's log records (INFO and up) into the NOTICE stream; its errors are not swallowed."""
+
+    def __init__(self, stream: _NoticeStream):
+        super().__init__(logging.INFO)
+        self.stream = stream
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream.write(self.format(record) + "\n")
+
+
+class _notices:
+    """While a step runs: stderr and lookalike's log records become NOTICEs (see :class:`_NoticeStream`)."""
+
+    def __init__(self, plpy, interrupts: _Interrupts):
+        self.stream = _NoticeStream(plpy, interrupts)
+        self.handler = _NoticeHandler(self.stream)
+        self.logger = logging.getLogger("lookalike")
+
+    def __enter__(self) -> _NoticeStream:
+        self.saved = sys.stderr, self.logger.level
+        sys.stderr = self.stream
+        self.logger.addHandler(self.handler)
+        self.logger.setLevel(logging.INFO)
+        return self.stream
+
+    def __exit__(self, *exc_info) -> None:
+        sys.stderr, level = self.saved
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(level)
+        if exc_info[0] is None and not self.stream.stopped:
+            self.stream.send(final=True)  # what threads left, and a last unfinished line

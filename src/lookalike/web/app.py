@@ -1,0 +1,794 @@
+"""Serve step: the web pages and the JSON API over one lookalike database.
+
+Pages are rendered on the server (Jinja2) with a little vanilla JS: ``/`` finds
+the stored images most like an upload, a URL or a stored image; ``/duplicates``
+shows a dedupe run's groups; ``/collection`` shows what is stored, the unique
+images per hash size and the last evaluation. The JSON API lives under ``/api``
+and is described at ``/docs`` (OpenAPI).
+
+Safety rules, all enforced here:
+
+- request bodies are capped (413), and uploads must decode as images (415/422);
+- stored images are served by id only: id → sha256 → store path, never a path from a request;
+- URLs are fetched over http(s) only, with the load step's limits, and — unless
+  ``allow_private_urls`` — never from loopback, private or link-local addresses
+  (checked again at every redirect);
+- responses and logs never carry the database URL, and logged URLs lose their query strings.
+
+The vector index (``search.collection``) and the backbone are loaded once at
+start-up and shared by every request; request handlers run in a thread pool.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import ipaddress
+import logging
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+import sqlalchemy as sa
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from jinja2 import Environment, PackageLoader, select_autoescape
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..config import mask_secrets
+from ..db import Database, dedupe_runs, embeddings, evaluation_results, evaluations, feature_models, images
+from ..images import ImageError, open_image
+from ..ingest import FetchError, FetchLimits, fetch, make_client
+from ..search import Match, collection, similar_images
+from ..store import sha256_hex
+
+log = logging.getLogger("lookalike.web")
+
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+THUMBNAIL_PX = 256
+THUMBNAIL_QUALITY = 85
+DEFAULT_K = 10
+MAX_K = 100
+PICKER_IMAGES = 24        # stored images offered on the search page
+GROUPS_PER_PAGE = 40
+MIME_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "GIF": "image/gif",
+              "WEBP": "image/webp", "BMP": "image/bmp", "TIFF": "image/tiff"}
+# Our pages load nothing from elsewhere and run no inline script; /docs (FastAPI's Swagger page) is left out.
+PAGE_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+               "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+Space = Literal["embeddings", "scores"]
+KParam = Annotated[int, Query(ge=1, le=MAX_K, description="how many similar images")]
+
+
+class ApiError(Exception):
+    """A request that cannot be served: answered as ``{"error": message}`` with HTTP ``status``."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# ---------------------------------------------------------------- API models (they make /docs)
+
+class SimilarRequest(BaseModel):
+    """One query: a URL to fetch or a stored image id (an upload goes as multipart ``file``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    url: str | None = Field(None, description="http(s) URL of an image", examples=["https://example.com/shirt.jpg"])
+    id: int | None = Field(None, description="id of a stored image", examples=[123])
+    k: int = Field(DEFAULT_K, ge=1, le=MAX_K, description="how many similar images")
+    space: Space = Field("embeddings", description="embeddings (CNN vectors) or scores (classifier classes)")
+
+
+class QueryInfo(BaseModel):
+    kind: Literal["upload", "url", "id"]
+    name: str = Field(description="file name, URL or 'image <id>'")
+    sha256: str
+    image_id: int | None = Field(description="the stored image with these bytes, if any (never in the results)")
+    label: str | None
+
+
+class Result(BaseModel):
+    rank: int
+    image_id: int
+    label: str | None
+    similarity: float = Field(description="1 - cosine distance")
+    distance: float
+    source: str
+    thumbnail_url: str
+
+
+class SimilarResponse(BaseModel):
+    query: QueryInfo
+    k: int
+    space: Space
+    seconds: float
+    results: list[Result]
+
+
+class ImageMeta(BaseModel):
+    id: int
+    sha256: str
+    label: str | None
+    source: str
+    width: int | None
+    height: int | None
+    format: str | None
+    byte_size: int
+    status: str
+    reason: str | None
+    loaded_at: str
+    embedded: bool = Field(description="has an embedding (so it can be a query by id)")
+    thumbnail_url: str
+
+
+class GroupMember(BaseModel):
+    image_id: int
+    label: str | None
+    width: int | None
+    height: int | None
+    byte_size: int
+    format: str | None
+    is_keeper: bool
+    distance: int = Field(description="Hamming distance to the keeper")
+    thumbnail_url: str
+
+
+class DuplicateGroup(BaseModel):
+    group_id: int
+    size: int
+    keeper: int
+    members: list[GroupMember]
+
+
+class DedupeRun(BaseModel):
+    id: int
+    rule: str
+    hash_kind: str
+    hash_size: int
+    max_distance: int | None
+    per_label: bool
+    groups: int
+    duplicates: int
+    created_at: str
+
+
+class DuplicatesResponse(BaseModel):
+    run: DedupeRun | None
+    groups_total: int
+    offset: int
+    groups: list[DuplicateGroup]
+
+
+class Error(BaseModel):
+    error: str
+
+
+ERRORS = {status: {"model": Error} for status in (404, 409, 413, 415, 422, 502)}
+
+
+# ---------------------------------------------------------------- searching
+
+@dataclass(frozen=True)
+class Outcome:
+    query: QueryInfo
+    matches: list[Match]
+    space: str
+    seconds: float
+    data: bytes | None = None   # the query's bytes, for an upload or a URL
+
+
+class _Refused(Exception):
+    pass
+
+
+def _refuse_private(request: httpx.Request) -> None:
+    """httpx request hook: refuse hosts that resolve to loopback, private or otherwise non-public addresses."""
+    host = request.url.host
+    try:
+        infos = socket.getaddrinfo(host, request.url.port or 80, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return  # the connection will fail and say why
+    for *_, sockaddr in infos:
+        address = ipaddress.ip_address(sockaddr[0].split("%")[0])
+        if not address.is_global:
+            raise _Refused(f"refused: {host} is a {'loopback' if address.is_loopback else 'non-public'} "
+                           "address, and this server fetches public URLs only")
+
+
+def fetch_url(url: str, limits: FetchLimits, *, allow_private: bool = False) -> bytes:
+    """The bytes at an http(s) URL, within the load step's ``limits``; ApiError otherwise.
+
+    Never reads local files (``file://`` or a bare path), which the load step would.
+    """
+    parts = urlsplit(url.strip())
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ApiError(400, "only http:// and https:// URLs can be fetched")
+    with make_client(limits, 1) as client:
+        if not allow_private:
+            client.event_hooks = {"request": [_refuse_private]}  # runs for every redirect too
+        try:
+            return fetch(url.strip(), client, limits)
+        except FetchError as exc:
+            raise ApiError(502, f"cannot fetch the URL: {exc.reason}") from None
+        except _Refused as exc:
+            raise ApiError(400, str(exc)) from None
+        except (httpx.InvalidURL, ValueError) as exc:
+            raise ApiError(400, f"not a valid URL: {exc}") from None
+
+
+def _searchable(db: Database, space: str):
+    try:
+        return collection(db, space)
+    except LookupError as exc:
+        raise ApiError(409, f"nothing to search yet: {exc}") from None
+
+
+def _image_row(db: Database, image_id: int):
+    with db.engine.connect() as conn:
+        row = conn.execute(sa.select(images).where(images.c.id == image_id)).first()
+    if row is None:
+        raise ApiError(404, f"no image with id {image_id}")
+    return row
+
+
+def search_by_id(db: Database, image_id: int, k: int, space: str) -> Outcome:
+    """The ``k`` stored images most like stored image ``image_id`` (itself excluded)."""
+    started = time.perf_counter()
+    row = _image_row(db, image_id)
+    coll = _searchable(db, space)
+    if not np.isin(image_id, coll.ids):
+        why = f"it failed to load: {row.reason}" if row.status == "failed" else "run featurize"
+        raise ApiError(422, f"image {image_id} has no stored {space} vector ({why})")
+    matches = similar_images(db, image_id, k=k, space=space)
+    query = QueryInfo(kind="id", name=f"image {image_id}", sha256=row.sha256, image_id=image_id, label=row.label)
+    return Outcome(query, matches, space, time.perf_counter() - started)
+
+
+def search_by_bytes(db: Database, data: bytes, k: int, space: str, *, kind: str, name: str) -> Outcome:
+    """The ``k`` stored images most like the image in ``data`` (an upload or a fetched URL)."""
+    started = time.perf_counter()
+    _searchable(db, space)
+    try:
+        matches = similar_images(db, data, k=k, space=space)
+    except ImageError as exc:
+        status = 415 if exc.reason.startswith("not an image") else 422
+        raise ApiError(status, f"cannot use this file: {exc.reason}") from None
+    sha = sha256_hex(data)
+    with db.engine.connect() as conn:
+        stored = conn.execute(sa.select(images.c.id, images.c.label).where(images.c.sha256 == sha)).first()
+    query = QueryInfo(kind=kind, name=name, sha256=sha, image_id=stored.id if stored else None,
+                      label=stored.label if stored else None)
+    return Outcome(query, matches, space, time.perf_counter() - started, data)
+
+
+def _result(m: Match) -> Result:
+    return Result(rank=m.rank, image_id=m.image_id, label=m.label, similarity=m.similarity, distance=m.distance,
+                  source=mask_secrets(m.source), thumbnail_url=f"/api/images/{m.image_id}/thumbnail")
+
+
+def _response(outcome: Outcome, k: int) -> SimilarResponse:
+    return SimilarResponse(query=outcome.query, k=k, space=outcome.space, seconds=round(outcome.seconds, 4),
+                           results=[_result(m) for m in outcome.matches])
+
+
+# ---------------------------------------------------------------- images and thumbnails
+
+def thumbnail_jpeg(data: bytes, size: int = THUMBNAIL_PX) -> bytes:
+    """A JPEG no larger than ``size`` on its longest side."""
+    image = open_image(data, draft=(size, size))
+    image.thumbnail((size, size))
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=THUMBNAIL_QUALITY, optimize=True)
+    return out.getvalue()
+
+
+@lru_cache(maxsize=2048)
+def _stored_thumbnail(path: Path) -> bytes:
+    # Keyed by the content-addressed store path: the bytes behind it never change.
+    return thumbnail_jpeg(path.read_bytes())
+
+
+def _data_uri(data: bytes) -> str | None:
+    try:
+        return "data:image/jpeg;base64," + base64.b64encode(thumbnail_jpeg(data)).decode("ascii")
+    except ImageError:
+        return None
+
+
+def _stored_bytes_path(db: Database, image_id: int) -> tuple[Any, Path]:
+    row = _image_row(db, image_id)
+    if row.status != "ok":
+        raise ApiError(422, f"image {image_id} could not be decoded when loaded: {row.reason}")
+    path = db.store.path(row.sha256)  # the sha256 from our own table is the only thing joined to the store root
+    if not path.is_file():
+        raise ApiError(404, f"image {image_id} is missing from the image store")
+    return row, path
+
+
+def _cached(content: bytes, media_type: str, etag: str, request: Request) -> Response:
+    headers = {"ETag": etag, "Cache-Control": "public, max-age=86400"}
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=headers)
+    return Response(content, media_type=media_type, headers=headers)
+
+
+# ---------------------------------------------------------------- reading what other steps wrote
+
+def _runs(db: Database) -> list[DedupeRun]:
+    with db.engine.connect() as conn:
+        rows = conn.execute(sa.select(dedupe_runs).order_by(dedupe_runs.c.id.desc())).all()
+    return [DedupeRun(id=r.id, rule=r.rule, hash_kind=r.hash_kind, hash_size=r.hash_size,
+                      max_distance=r.max_distance, per_label=r.per_label, groups=r.groups,
+                      duplicates=r.duplicates, created_at=r.created_at.isoformat(timespec="seconds"))
+            for r in rows]
+
+
+def duplicates(db: Database, run_id: int | None, offset: int, limit: int) -> DuplicatesResponse:
+    """A page of a dedupe run's groups (the latest run by default)."""
+    from ..reports import duplicate_groups_report
+    runs = _runs(db)
+    if run_id is None and not runs:
+        return DuplicatesResponse(run=None, groups_total=0, offset=offset, groups=[])
+    run = runs[0] if run_id is None else next((r for r in runs if r.id == run_id), None)
+    if run is None:
+        raise ApiError(404, f"no dedupe run with id {run_id}")
+    groups = duplicate_groups_report(db, run.id)
+    page = [DuplicateGroup(group_id=g.group_id, size=len(g.members), keeper=g.keeper.image_id, members=[
+        GroupMember(image_id=m.image_id, label=m.label, width=m.width, height=m.height, byte_size=m.byte_size,
+                    format=m.format, is_keeper=m.is_keeper, distance=m.distance,
+                    thumbnail_url=f"/api/images/{m.image_id}/thumbnail") for m in g.members])
+        for g in groups[offset:offset + limit]]
+    return DuplicatesResponse(run=run, groups_total=len(groups), offset=offset, groups=page)
+
+
+def _embedding_counts(db: Database) -> list[tuple[str, int, int]]:
+    with db.engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(
+            sa.select(feature_models.c.name, feature_models.c.dim, sa.func.count(embeddings.c.image_id))
+            .select_from(feature_models.outerjoin(embeddings, embeddings.c.model_id == feature_models.c.id))
+            .group_by(feature_models.c.id, feature_models.c.name, feature_models.c.dim)
+            .order_by(feature_models.c.id))]
+
+
+def _last_evaluation(db: Database) -> dict | None:
+    """The newest evaluation as a table: one row per (space, metric), one column per measure."""
+    from ..evaluate import RETRIEVAL_K, TOP_K
+    with db.engine.connect() as conn:
+        latest = conn.execute(sa.select(evaluations.c.id, evaluations.c.created_at)
+                              .order_by(evaluations.c.id.desc()).limit(1)).first()
+        if latest is None:
+            return None
+        rows = conn.execute(sa.select(evaluation_results.c.space, evaluation_results.c.metric,
+                                      evaluation_results.c.measure, evaluation_results.c.value)
+                            .where(evaluation_results.c.evaluation_id == latest.id)).all()
+    order = [f"top{k}" for k in TOP_K] + ["mean_rank", "median_rank", f"map@{RETRIEVAL_K}", f"recall@{RETRIEVAL_K}"]
+    present = {r.measure for r in rows}
+    measures = [m for m in order if m in present] + sorted(present - set(order))
+    table: dict[tuple[str, str], dict[str, float]] = {}
+    for r in rows:
+        table.setdefault((r.space, r.metric), {})[r.measure] = r.value
+    return {"id": latest.id, "created_at": latest.created_at.isoformat(timespec="seconds"), "measures": measures,
+            "rows": [(space, metric, [values.get(m) for m in measures])
+                     for (space, metric), values in sorted(table.items())]}
+
+
+def _unique_counts(db: Database):
+    from ..dedupe import unique_counts
+    table = unique_counts(db)
+    return table if table.labels else None
+
+
+def unique_counts_png(db: Database) -> bytes:
+    """The unique-images-per-hash-size plot as PNG bytes; ApiError 404 when nothing is hashed."""
+    from ..reports import plot_unique_counts
+    table = _unique_counts(db)
+    if table is None:
+        raise ApiError(404, "no image hashes yet: run the hash step")
+    with tempfile.TemporaryDirectory(prefix="lookalike-plot-") as folder:
+        return plot_unique_counts(table, Path(folder) / "unique.png").read_bytes()
+
+
+# ---------------------------------------------------------------- the app
+
+class _Guard:
+    """ASGI middleware: caps request bodies (413 JSON) and adds security headers to every response."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = f"request body over the {self.max_bytes / 2**20:g} MB limit"
+        is_docs = scope["path"] in ("/docs", "/redoc") or scope["path"].startswith("/docs/")
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers += [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
+                if not is_docs:  # FastAPI's Swagger page runs inline script from a CDN
+                    headers += [(b"content-security-policy", PAGE_POLICY.encode()), (b"x-frame-options", b"DENY")]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await _error_response(413, too_large)(scope, receive, send_with_headers)
+        received = 0
+
+        async def capped_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:  # a chunked body that declared no length
+                raise ApiError(413, too_large)
+            return message
+
+        await self.app(scope, capped_receive, send_with_headers)
+
+
+def _error_response(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _validation_message(errors: list[dict]) -> str:
+    parts = []
+    for e in errors:
+        where = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body", "query", "path", "form"))
+        parts.append(f"{where}: {e['msg']}" if where else e["msg"])
+    return "; ".join(parts)
+
+
+class _MaskSecrets(logging.Filter):
+    """Keeps passwords, storage keys and query strings (which may hold either) out of the logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:
+            # uvicorn's access formatter unpacks these five arguments; keep their shape.
+            client, method, path, version, status = record.args
+            path = str(path)
+            record.args = (client, method, path.split("?", 1)[0] + ("?…" if "?" in path else ""), version, status)
+        else:
+            record.msg, record.args = mask_secrets(record.getMessage()), None
+        if record.exc_info:
+            record.exc_text = mask_secrets(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        return True
+
+
+def _mask_logs() -> None:
+    for name in ("uvicorn.error", "uvicorn.access", "lookalike", "lookalike.web"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _MaskSecrets) for f in logger.filters):
+            logger.addFilter(_MaskSecrets())
+
+
+def _warm(db: Database) -> None:
+    """Load the vector index and the backbone before the first request needs them."""
+    from ..backbones import load_backbone
+    try:
+        coll = collection(db)
+    except LookupError:
+        return  # nothing featurized yet: the first search will say so
+    load_backbone(coll.backbone)
+
+
+def create_app(db: Database, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, limits: FetchLimits = FetchLimits(),
+               allow_private_urls: bool = False, warm: bool = True) -> FastAPI:
+    """The web app over ``db``: pages, JSON API, OpenAPI docs.
+
+    ``limits`` bound URL fetches (the load step's defaults); ``allow_private_urls``
+    lets queries fetch from loopback and private networks (off: a public server must
+    not be a way into its own network); ``warm`` loads the index and the model at start-up.
+    """
+    _mask_logs()
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        if warm:
+            await run_in_threadpool(_warm, db)
+        yield
+
+    app = FastAPI(title="lookalike", version=__version__, lifespan=lifespan,
+                  description="Find the stored images most similar to an image, and review duplicate groups.")
+    app.add_middleware(_Guard, max_bytes=max_upload_bytes)
+    app.mount("/static", StaticFiles(packages=[("lookalike.web", "static")]), name="static")
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError):
+        return _error_response(exc.status, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError):
+        return _error_response(422, _validation_message(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException):
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception):
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return _error_response(500, "internal server error")
+
+    context = _Context(db, limits, allow_private_urls, max_upload_bytes)
+    _api_routes(app, context)
+    _page_routes(app, context)
+    return app
+
+
+@dataclass(frozen=True)
+class _Context:
+    db: Database
+    limits: FetchLimits
+    allow_private_urls: bool
+    max_upload_bytes: int
+
+    def search(self, request: SimilarRequest, upload: tuple[str, bytes] | None) -> Outcome:
+        """Run exactly one of: an upload, a URL, a stored id."""
+        given = [name for name, present in (("file", upload is not None), ("url", bool(request.url)),
+                                            ("id", request.id is not None)) if present]
+        if len(given) != 1:
+            raise ApiError(422, "give exactly one of: file (multipart upload), url, id"
+                           + (f" (got {', '.join(given)})" if given else ""))
+        if upload is not None:
+            name, data = upload
+            if not data:
+                raise ApiError(422, "cannot use this file: empty file")
+            return search_by_bytes(self.db, data, request.k, request.space, kind="upload", name=name)
+        if request.url:
+            data = fetch_url(request.url, self.limits, allow_private=self.allow_private_urls)
+            return search_by_bytes(self.db, data, request.k, request.space, kind="url", name=request.url)
+        return search_by_id(self.db, request.id, request.k, request.space)
+
+
+async def _read_query(request: Request) -> tuple[SimilarRequest, tuple[str, bytes] | None]:
+    """A /api/similar body: JSON, or a multipart form with ``file`` (and optionally k, space)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    upload = None
+    if content_type == "application/json":
+        try:
+            fields = await request.json()
+        except ValueError:
+            raise ApiError(400, "the request body is not valid JSON") from None
+        if not isinstance(fields, dict):
+            raise ApiError(422, "the JSON body must be an object such as {\"id\": 123, \"k\": 10}")
+    elif content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        form = await request.form(max_files=1, max_fields=8)
+        fields = {key: value for key, value in form.items() if key != "file" and value != ""}
+        file = form.get("file")
+        if isinstance(file, UploadFile):
+            upload = (file.filename or "upload", await file.read())
+        elif file:
+            raise ApiError(422, "file must be an uploaded file (multipart/form-data)")
+    else:
+        raise ApiError(415, "send JSON ({\"url\": …} or {\"id\": …}) or a multipart form with a file")
+    try:
+        return SimilarRequest.model_validate(fields), upload
+    except ValidationError as exc:
+        raise ApiError(422, _validation_message(exc.errors())) from None
+
+
+_SIMILAR_BODY = {
+    "requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/SimilarRequest"}},
+        "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+            "file": {"type": "string", "format": "binary", "description": "an image file"},
+            "k": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": DEFAULT_K},
+            "space": {"type": "string", "enum": ["embeddings", "scores"], "default": "embeddings"}}}},
+    }}}
+
+
+def _api_routes(app: FastAPI, ctx: _Context) -> None:
+    db = ctx.db
+
+    @app.post("/api/similar", response_model=SimilarResponse, tags=["search"], openapi_extra=_SIMILAR_BODY,
+              responses={**ERRORS, 400: {"model": Error}})
+    async def similar(request: Request) -> SimilarResponse:
+        """The k stored images most similar to an uploaded file, a URL, or a stored image id.
+
+        Send a multipart form with `file` (and optionally `k`), or JSON `{"url": …, "k": 10}` or
+        `{"id": 123, "k": 10}`. A stored image is never among its own results.
+        """
+        query, upload = await _read_query(request)
+        outcome = await run_in_threadpool(ctx.search, query, upload)
+        return _response(outcome, query.k)
+
+    @app.get("/api/images/{image_id}/similar", response_model=SimilarResponse, tags=["search"], responses=ERRORS)
+    def similar_to_stored(image_id: int, k: KParam = DEFAULT_K, space: Space = "embeddings") -> SimilarResponse:
+        """The k stored images most similar to stored image `image_id` (itself excluded)."""
+        return _response(search_by_id(db, image_id, k, space), k)
+
+    @app.get("/api/images/{image_id}", response_model=ImageMeta, tags=["images"], responses=ERRORS)
+    def image_meta(image_id: int) -> ImageMeta:
+        """What is stored about an image."""
+        row = _image_row(db, image_id)
+        with db.engine.connect() as conn:
+            embedded = conn.execute(sa.select(sa.func.count()).select_from(embeddings)
+                                    .where(embeddings.c.image_id == image_id)).scalar() > 0
+        return ImageMeta(id=row.id, sha256=row.sha256, label=row.label, source=mask_secrets(row.source),
+                         width=row.width, height=row.height, format=row.format, byte_size=row.byte_size,
+                         status=row.status, reason=row.reason, loaded_at=row.loaded_at.isoformat(),
+                         embedded=embedded, thumbnail_url=f"/api/images/{row.id}/thumbnail")
+
+    @app.get("/api/images/{image_id}/thumbnail", tags=["images"], responses={
+        **ERRORS, 200: {"content": {"image/jpeg": {}}, "description": f"JPEG, at most {THUMBNAIL_PX} px"}})
+    def thumbnail(image_id: int, request: Request) -> Response:
+        """A JPEG thumbnail, at most 256 px on its longest side; cacheable (ETag)."""
+        row, path = _stored_bytes_path(db, image_id)
+        try:
+            data = _stored_thumbnail(path)
+        except ImageError as exc:
+            raise ApiError(422, f"image {image_id} cannot be decoded: {exc.reason}") from None
+        return _cached(data, "image/jpeg", f'"{row.sha256[:32]}-t{THUMBNAIL_PX}"', request)
+
+    @app.get("/api/images/{image_id}/full", tags=["images"], responses={
+        **ERRORS, 200: {"content": {"image/*": {}}, "description": "the stored bytes"}})
+    def full_image(image_id: int, request: Request) -> Response:
+        """The stored image's original bytes, with its image content type."""
+        row, path = _stored_bytes_path(db, image_id)
+        media_type = MIME_TYPES.get(row.format or "", "application/octet-stream")
+        return _cached(path.read_bytes(), media_type, f'"{row.sha256[:32]}"', request)
+
+    @app.get("/api/duplicates", response_model=DuplicatesResponse, tags=["duplicates"], responses=ERRORS)
+    def duplicate_groups(run_id: int | None = None, offset: Annotated[int, Query(ge=0)] = 0,
+                         limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> DuplicatesResponse:
+        """The groups of a dedupe run (the latest by default), keeper first in each group."""
+        return duplicates(db, run_id, offset, limit)
+
+    @app.get("/api/plots/unique-counts.png", tags=["collection"], responses={
+        404: {"model": Error}, 200: {"content": {"image/png": {}}}})
+    def unique_counts_plot() -> Response:
+        """Unique images per label against dHash size (the exact rule), as a PNG drawn now."""
+        return Response(unique_counts_png(db), media_type="image/png", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/api/health", tags=["health"])
+    def health() -> JSONResponse:
+        """Whether the database answers, and what can be searched."""
+        try:
+            with db.engine.connect() as conn:
+                stored = conn.execute(sa.select(sa.func.count()).select_from(images)).scalar()
+                embedded = conn.execute(sa.select(sa.func.count()).select_from(embeddings)).scalar()
+        except sa.exc.SQLAlchemyError as exc:
+            log.error("health check: database error: %s", exc)
+            return JSONResponse({"status": "error", "error": "database unavailable"}, status_code=503)
+        try:
+            indexed = len(collection(db).ids)
+        except LookupError:
+            indexed = 0
+        return JSONResponse({"status": "ok", "version": __version__, "database": db.dialect,
+                             "images": stored, "embeddings": embedded, "indexed": indexed})
+
+
+# ---------------------------------------------------------------- pages
+
+_templates = Environment(loader=PackageLoader("lookalike.web", "templates"),
+                         autoescape=select_autoescape(["html"]), trim_blocks=True, lstrip_blocks=True)
+
+
+def _page(name: str, status: int = 200, **values) -> HTMLResponse:
+    return HTMLResponse(_templates.get_template(name).render(**values), status_code=status)
+
+
+def _picks(db: Database) -> list[tuple[int, str | None]]:
+    """A random handful of searchable stored images, from the cached index (no database scan)."""
+    try:
+        coll = collection(db)
+    except LookupError:
+        return []
+    chosen = np.random.default_rng().choice(coll.ids, size=min(PICKER_IMAGES, len(coll.ids)), replace=False)
+    return [(int(i), coll.meta[int(i)].label if int(i) in coll.meta else None) for i in chosen]
+
+
+def _page_routes(app: FastAPI, ctx: _Context) -> None:
+    db = ctx.db
+
+    def search_page(query: SimilarRequest | None, upload: tuple[str, bytes] | None) -> HTMLResponse:
+        values: dict[str, Any] = {"page": "search", "max_upload_bytes": ctx.max_upload_bytes,
+                                  "k": query.k if query else DEFAULT_K,
+                                  "url": query.url if query else None, "id": query.id if query else None}
+        status = 200
+        if query is not None and (upload or query.url or query.id is not None):
+            try:
+                outcome = ctx.search(query, upload)
+                preview = (_data_uri(outcome.data) if outcome.data is not None
+                           else f"/api/images/{outcome.query.image_id}/thumbnail")
+                values.update(outcome=outcome, preview=preview)
+            except ApiError as exc:
+                values["error"], status = exc.message, exc.status
+        values["picks"] = _picks(db)
+        return _page("search.html", status, **values)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def search_get(id: str | None = None, url: str | None = None, k: str | None = None) -> HTMLResponse:
+        fields = {key: value for key, value in (("id", id), ("url", url), ("k", k)) if value not in (None, "")}
+        try:
+            query = SimilarRequest.model_validate(fields)
+        except ValidationError as exc:
+            return _page("search.html", 422, page="search", error=_validation_message(exc.errors()), k=DEFAULT_K,
+                         max_upload_bytes=ctx.max_upload_bytes, picks=_picks(db))
+        return search_page(query, None)
+
+    @app.post("/", response_class=HTMLResponse, include_in_schema=False)
+    async def search_post(request: Request) -> HTMLResponse:
+        try:
+            query, upload = await _read_query(request)
+        except ApiError as exc:
+            return _page("search.html", exc.status, page="search", error=exc.message, k=DEFAULT_K,
+                         max_upload_bytes=ctx.max_upload_bytes, picks=await run_in_threadpool(_picks, db))
+        return await run_in_threadpool(search_page, query, upload)
+
+    @app.get("/duplicates", response_class=HTMLResponse, include_in_schema=False)
+    def duplicates_page(run: int | None = None, page: Annotated[int, Query(ge=1)] = 1) -> HTMLResponse:
+        values: dict[str, Any] = {"page": "duplicates", "runs": _runs(db), "number": page,
+                                  "per_page": GROUPS_PER_PAGE}
+        try:
+            values["result"] = duplicates(db, run, (page - 1) * GROUPS_PER_PAGE, GROUPS_PER_PAGE)
+        except ApiError as exc:
+            return _page("duplicates.html", exc.status, error=exc.message, result=None, **values)
+        return _page("duplicates.html", **values)
+
+    @app.get("/collection", response_class=HTMLResponse, include_in_schema=False)
+    def collection_page() -> HTMLResponse:
+        from ..status import collection_status
+        status = collection_status(db)
+        labels: dict[str, dict[str, int]] = {}
+        for label, state, count in status.by_label:
+            labels.setdefault(label or "(no label)", {})[state] = count
+        totals = {state: sum(counts.get(state, 0) for counts in labels.values()) for state in ("ok", "failed")}
+        return _page("collection.html", page="collection", database=db.dialect, labels=labels, totals=totals,
+                     failures=status.fetch_failures, models=_embedding_counts(db), runs=_runs(db),
+                     unique=_unique_counts(db), evaluation=_last_evaluation(db))
+
+
+# ---------------------------------------------------------------- running it
+
+def serve(db_url: str | None, store: str | Path | None, host: str = "127.0.0.1", port: int = 8000, *,
+          allow_private_urls: bool = False) -> None:
+    """Serve the app over the database at ``db_url`` until interrupted (what `lookalike serve` runs)."""
+    import uvicorn
+    with Database(db_url, store) as db:
+        app = create_app(db, allow_private_urls=allow_private_urls)
+        print(f"lookalike: serving {db.dialect} database on http://{host}:{port}/ (API docs at /docs)", flush=True)
+        uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)
+
+
+@contextmanager
+def running_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Run ``app`` under uvicorn in a background thread; yields its base URL (port 0: a free one)."""
+    import uvicorn
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", server_header=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="lookalike-web", daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("the web server stopped while starting")
+            time.sleep(0.02)
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()

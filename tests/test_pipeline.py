@@ -1,0 +1,144 @@
+"""The whole workflow end to end on the rendered sample set: SQLite and PostgreSQL, CLI, notebook."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+import sqlalchemy as sa
+from nbclient import NotebookClient
+from PIL import Image
+
+from lookalike.db import Database, embeddings, images, models, runs, splits
+from lookalike.pipeline import run_pipeline
+from lookalike.samples import render_samples
+from lookalike.search import similar_images
+
+LOOKALIKE = [sys.executable, "-m", "lookalike.cli"]
+NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "query_similar_images.ipynb"
+PER_LABEL = 16
+
+
+@pytest.fixture(scope="module")
+def sample_set(tmp_path_factory):
+    return render_samples(tmp_path_factory.mktemp("samples"), per_label=PER_LABEL, seed=7)
+
+
+def outcome(db: Database) -> dict:
+    """What a run decided, keyed by content (sha256) so two databases can be compared."""
+    with db.engine.connect() as conn:
+        sha = dict(conn.execute(sa.select(images.c.id, images.c.sha256)).all())
+        split = {sha[i]: s for i, s in conn.execute(sa.select(splits.c.image_id, splits.c.split))}
+        test_accuracy = conn.execute(sa.select(models.c.test_accuracy).order_by(models.c.id.desc())).scalars().first()
+        top = {}
+        for query_image, rank, image_id in conn.execute(sa.text(
+                "SELECT q.image_id, r.rank, r.image_id FROM ranking_results r "
+                "JOIN query_images q ON q.id = r.query_id WHERE r.space = 'embeddings' ORDER BY q.image_id, r.rank")):
+            top.setdefault(sha[query_image], []).append(sha[image_id])
+    return {"split": split, "test_accuracy": test_accuracy, "top": top}
+
+
+@pytest.fixture(scope="module")
+def sqlite_run(sample_set, tmp_path_factory):
+    path = tmp_path_factory.mktemp("run") / "lookalike.db"
+    with Database(f"sqlite:///{path}") as db:
+        summary = run_pipeline(db, sample_set.manifest, seed=0, queries_per_label=5)
+        yield db, summary
+
+
+def test_run_does_every_step_and_ranks_the_test_split(sqlite_run, sample_set):
+    db, summary = sqlite_run
+    assert [name for name, _, _ in summary.steps] == [
+        "load", "hash", "dedupe", "featurize", "split", "train", "evaluate", "rank"]
+    with db.engine.connect() as conn:
+        ok = conn.execute(sa.select(sa.func.count()).where(images.c.status == "ok")).scalar()
+        assert ok == sample_set.images
+        assert conn.execute(sa.select(sa.func.count()).select_from(embeddings)).scalar() == ok
+        step_rows = conn.execute(sa.select(runs.c.step, runs.c.outcome)).all()
+        assert {s for s, _ in step_rows} >= {"featurize", "rank", "run"} and all(o == "ok" for _, o in step_rows)
+        tests = conn.execute(sa.select(sa.func.count()).where(splits.c.split == "test")).scalar()
+        per_query = conn.execute(sa.text("SELECT query_id, count(*), count(DISTINCT image_id) "
+                                         "FROM ranking_results GROUP BY query_id")).all()
+    assert len(per_query) == tests and all(n == distinct == 10 for _, n, distinct in per_query)
+    # Planted copies must not leak between train and test: dedupe ran before the split.
+    assert tests < sample_set.images * 0.3
+
+
+def test_similar_finds_same_texture_and_never_the_query(sqlite_run, sample_set):
+    db, _ = sqlite_run
+    query = sample_set.root / "leopard" / "leopard_0002.jpg"
+    matches = similar_images(db, query, k=10)
+    assert len(matches) == 10 and len({m.image_id for m in matches}) == 10
+    with db.engine.connect() as conn:
+        query_id = conn.execute(sa.select(images.c.id).where(images.c.source == str(query.resolve()))).scalar()
+    assert query_id not in {m.image_id for m in matches}
+    assert [m.distance for m in matches] == sorted(m.distance for m in matches)
+    assert sum(m.label == "leopard" for m in matches) >= 7
+    by_id = similar_images(db, query_id, k=10)
+    assert [m.image_id for m in by_id] == [m.image_id for m in matches]
+
+
+def test_same_results_on_postgresql(sqlite_run, sample_set, pg_url):
+    sqlite_db, _ = sqlite_run
+    with Database(pg_url, Path(sqlite_db.store.root).parent / "pg-store") as pg:
+        run_pipeline(pg, sample_set.manifest, seed=0, queries_per_label=5)
+        assert outcome(pg) == outcome(sqlite_db)
+
+
+def test_cli_similar_sheet_and_json(sqlite_run, sample_set, tmp_path):
+    db, _ = sqlite_run
+    url = str(db.url)
+    sheet = tmp_path / "top10.png"
+    query = sample_set.root / "striped" / "striped_0001.jpg"
+    done = subprocess.run(LOOKALIKE + ["--db", url, "similar", str(query), "--sheet", str(sheet), "--json"],
+                          capture_output=True, text=True, check=True)
+    rows = json.loads(done.stdout)
+    assert [r["rank"] for r in rows] == list(range(1, 11))
+    with Image.open(sheet) as img:
+        assert img.width > 600 and img.height > 300
+
+
+def test_notebook_runs(sqlite_run):
+    db, _ = sqlite_run
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    os.environ["LOOKALIKE_DB"] = str(db.url)
+    try:
+        NotebookClient(notebook, timeout=300, kernel_name="python3",
+                       resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    finally:
+        del os.environ["LOOKALIKE_DB"]
+    outputs = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
+                      for o in cell.get("outputs", []))
+    assert "similarity" in outputs and outputs.count("image ") >= 10
+
+
+@pytest.mark.slow
+def test_killed_featurize_resumes_with_one_embedding_per_image(sample_set, tmp_path):
+    url = f"sqlite:///{tmp_path}/kill.db"
+    subprocess.run(LOOKALIKE + ["--db", url, "load", str(sample_set.manifest)], check=True, capture_output=True)
+    proc = subprocess.Popen(LOOKALIKE + ["--db", url, "featurize", "--batch-size", "8"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    engine = sa.create_engine(url)
+    written, deadline = 0, time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+        with engine.connect() as conn:
+            written = conn.execute(sa.text("SELECT count(*) FROM embeddings")).scalar()
+        if written >= 8:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    engine.dispose()
+    assert 8 <= written < sample_set.images, "featurize should have been killed half-way"
+    done = subprocess.run(LOOKALIKE + ["--db", url, "featurize"], check=True, capture_output=True, text=True)
+    assert f"{written} already had one" in done.stdout or "already had one" in done.stdout
+    with Database(url) as db, db.engine.connect() as conn:
+        counts = conn.execute(sa.text("SELECT image_id, count(*) FROM embeddings GROUP BY image_id")).all()
+        assert len(counts) == sample_set.images and all(n == 1 for _, n in counts)
