@@ -215,3 +215,19 @@ def test_embed_sources_reads_its_input_lazily():
     assert pulled <= (2 + 2) * 4  # workers + 1 batches in flight plus the one being yielded
     results.close()  # stopping early shuts the workers down and gives torch its threads back
     assert torch.get_num_threads() == threads
+
+
+def test_texture_backbone_sees_only_the_middle_without_colour():
+    texture = load_backbone("efficientnet-lite0-texture")
+    assert texture.info.name == "efficientnet-lite0-texture" and texture.info.dim == 1280
+    # A frame whose border is saturated blue around a middle of fine black/white stripes.
+    img = Image.new("RGB", (500, 400), (0, 0, 255))
+    stripes = np.zeros((200, 250, 3), dtype=np.uint8)
+    stripes[::4] = 255
+    img.paste(Image.fromarray(stripes), (125, 100))
+    array = texture.preprocess(img)
+    assert array.shape == (224, 224, 3)
+    assert (array[..., 0] == array[..., 1]).all() and (array[..., 1] == array[..., 2]).all()  # no colour
+    assert array.max() > 200 and array.min() < 50          # the stripes, not the blue border (grey 29)
+    plain = load_backbone()
+    assert not np.allclose(texture.embed([img]), plain.embed([img]), atol=1e-3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 import os
 import signal
 import subprocess
@@ -80,7 +81,10 @@ def test_similar_finds_same_texture_and_never_the_query(sqlite_run, sample_set):
         query_id = conn.execute(sa.select(images.c.id).where(images.c.source == str(query.resolve()))).scalar()
     assert query_id not in {m.image_id for m in matches}
     assert [m.distance for m in matches] == sorted(m.distance for m in matches)
-    assert sum(m.label == "leopard" for m in matches) >= 7
+    # The whole-frame embedding also weighs colour and silhouette (see README, "Retrieval quality"):
+    # same texture is the largest share of the top 10, not all of it.
+    labels = Counter(m.label for m in matches)
+    assert labels.most_common(1)[0][0] == "leopard" and labels["leopard"] >= 5
     by_id = similar_images(db, query_id, k=10)
     assert [m.image_id for m in by_id] == [m.image_id for m in matches]
 
@@ -101,6 +105,12 @@ def test_cli_similar_sheet_and_json(sqlite_run, sample_set, tmp_path):
                           capture_output=True, text=True, check=True)
     rows = json.loads(done.stdout)
     assert [r["rank"] for r in rows] == list(range(1, 11))
+    exact = subprocess.run(LOOKALIKE + ["--db", url, "similar", str(query), "--json", "--index", "exact"],
+                           capture_output=True, text=True, check=True)
+    assert [r["image_id"] for r in json.loads(exact.stdout)] == [r["image_id"] for r in rows]
+    ivf = subprocess.run(LOOKALIKE + ["--db", url, "similar", str(query), "--index", "ivf"],
+                         capture_output=True, text=True)
+    assert ivf.returncode == 2 and "IVF index needs at least 1000 vectors" in ivf.stderr
     with Image.open(sheet) as img:
         assert img.width > 600 and img.height > 300
 
@@ -120,7 +130,9 @@ def test_notebook_runs(sqlite_run):
 
 
 @pytest.mark.slow
-def test_killed_featurize_resumes_with_one_embedding_per_image(sample_set, tmp_path):
+def test_killed_featurize_resumes_with_one_embedding_per_image(tmp_path):
+    # Enough images that featurize runs for several seconds and commits more than once.
+    sample_set = render_samples(tmp_path / "many", per_label=100, seed=11)
     url = f"sqlite:///{tmp_path}/kill.db"
     subprocess.run(LOOKALIKE + ["--db", url, "load", str(sample_set.manifest)], check=True, capture_output=True)
     proc = subprocess.Popen(LOOKALIKE + ["--db", url, "featurize", "--batch-size", "8"],
@@ -138,7 +150,9 @@ def test_killed_featurize_resumes_with_one_embedding_per_image(sample_set, tmp_p
     engine.dispose()
     assert 8 <= written < sample_set.images, "featurize should have been killed half-way"
     done = subprocess.run(LOOKALIKE + ["--db", url, "featurize"], check=True, capture_output=True, text=True)
-    assert f"{written} already had one" in done.stdout or "already had one" in done.stdout
+    already = int(done.stdout.split(" already had one")[0].split()[-1])
+    embedded = int(done.stdout.split(" embedded")[0].split()[-1])
+    assert already >= written and already + embedded == sample_set.images
     with Database(url) as db, db.engine.connect() as conn:
         counts = conn.execute(sa.text("SELECT image_id, count(*) FROM embeddings GROUP BY image_id")).all()
         assert len(counts) == sample_set.images and all(n == 1 for _, n in counts)

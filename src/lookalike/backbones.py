@@ -150,6 +150,35 @@ class EfficientNetLite0(Backbone):
         return self._run(batch, lambda x: self.model._fc(self._pooled(x)))
 
 
+TEXTURE_CROP = 0.4   # share of each side kept around the centre
+TEXTURE_PREPROCESSING = (
+    f"RGB; full decode; centre {TEXTURE_CROP:.0%} of each side, greyscale, resized to 224x224 (Pillow bilinear); "
+    "(x - 127) / 128; global average pool of the 1280-channel head, L2-normalised")
+
+
+class EfficientNetLite0Texture(EfficientNetLite0):
+    """The same network looking only at the pattern: the middle of the frame, without colour.
+
+    On the sample garments the whole-frame embedding is dominated by colour and
+    silhouette; the centre crop is mostly fabric, so same-texture images rank
+    far higher (bench/bench_evaluate.py measures both).
+    """
+
+    draft = None  # the crop is upscaled: decode at full size
+
+    def __init__(self, device: str = "cpu"):
+        super().__init__(device)
+        self.info = BackboneInfo(name="efficientnet-lite0-texture", dim=1280, input_size=LITE0_SIZE,
+                                 preprocessing=TEXTURE_PREPROCESSING, weights_sha256=self.info.weights_sha256)
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        width, height = image.size
+        w, h = max(1, round(width * TEXTURE_CROP)), max(1, round(height * TEXTURE_CROP))
+        left, top = (width - w) // 2, (height - h) // 2
+        patch = image.crop((left, top, left + w, top + h)).convert("L").convert("RGB")
+        return np.array(patch.resize((LITE0_SIZE, LITE0_SIZE), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
 def _fold_batch_norms(model: torch.nn.Module) -> None:
     """Fold each inference-mode batch norm into the convolution before it (about 15% faster on CPU)."""
     pairs = [(model, "_conv_stem", "_bn0"), (model, "_conv_head", "_bn1")]
@@ -179,7 +208,8 @@ def file_sha256(path: Path) -> str:
 
 # --------------------------------------------------------------------------- registry
 
-_FACTORIES: dict[str, Callable[[str], Backbone]] = {DEFAULT_BACKBONE: EfficientNetLite0}
+_FACTORIES: dict[str, Callable[[str], Backbone]] = {DEFAULT_BACKBONE: EfficientNetLite0,
+                                                    "efficientnet-lite0-texture": EfficientNetLite0Texture}
 _LOADED: dict[tuple[str, str], Backbone] = {}
 _LOCK = threading.Lock()
 

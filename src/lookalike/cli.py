@@ -212,7 +212,8 @@ def cmd_similar(args) -> int:
     import json
     from .search import similar_images
     with _open_db(args) as db:
-        matches = similar_images(db, args.image, k=args.top, space=args.space, backbone=args.backbone)
+        matches = similar_images(db, args.image, k=args.top, space=args.space, backbone=args.backbone,
+                                 index=args.index)
         if args.sheet:
             _similar_sheet(db, args.image, matches, args.sheet)
     if args.json:
@@ -244,7 +245,8 @@ def cmd_run(args) -> int:
     from .pipeline import run_pipeline
     with _open_db(args) as db:
         summary = run_pipeline(db, args.source, seed=args.seed, test_ratio=args.test_ratio, top=args.top,
-                               plot=args.plot, progress=_progress(args), device=args.device)
+                               plot=args.plot, progress=_progress(args), device=args.device,
+                               backbone=args.backbone)
     print("\n".join(summary.lines()))
     return 130 if summary.interrupted else 0
 
@@ -363,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--space", choices=["embeddings", "scores"], default="embeddings")
     p.add_argument("--backbone", default="efficientnet-lite0")
+    p.add_argument("--index", choices=["auto", "exact", "ivf"], default="auto",
+                   help="vector search: exact (NumPy), ivf (FAISS, approximate), auto: ivf from 200,000 vectors")
     p.add_argument("--sheet", type=Path, help="save a contact sheet PNG of the results")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_similar)
@@ -374,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-ratio", type=float, default=0.25)
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--backbone", default="efficientnet-lite0",
+                   help="efficientnet-lite0 (whole image) or efficientnet-lite0-texture (centre, no colour)")
     p.add_argument("--plot", type=Path, help="save the evaluation plot")
     p.set_defaults(func=cmd_run)
 

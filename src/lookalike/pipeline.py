@@ -36,7 +36,8 @@ def run_pipeline(db: Database, source: str | Path | None = None, *, seed: int = 
                  dedupe_rule: str = "near", dedupe_hash: str = "dhash_rowcol", dedupe_size: int = 8,
                  max_distance: int | None = None, top: int = 10, queries_per_label: int = 20,
                  negatives_per_query: int = 100, plot: Path | None = None,
-                 progress: bool | None = None, device: str = "cpu") -> PipelineSummary:
+                 progress: bool | None = None, device: str = "cpu",
+                 backbone: str = "efficientnet-lite0") -> PipelineSummary:
     """Run every step; ``source`` (folder or manifest) is loaded first when given."""
     from .classify import train_classifier
     from .dedupe import dedupe_images
@@ -58,7 +59,7 @@ def run_pipeline(db: Database, source: str | Path | None = None, *, seed: int = 
         return result
 
     params = dict(source=str(source) if source else None, seed=seed, test_ratio=test_ratio, rule=dedupe_rule,
-                  hash=dedupe_hash, size=dedupe_size, max_distance=max_distance, top=top)
+                  hash=dedupe_hash, size=dedupe_size, max_distance=max_distance, top=top, backbone=backbone)
     with recorded_run(db, "run", params) as counts:
         try:
             if source is not None:
@@ -66,13 +67,14 @@ def run_pipeline(db: Database, source: str | Path | None = None, *, seed: int = 
             step("hash", lambda: hash_images(db, progress=progress))
             step("dedupe", lambda: dedupe_images(
                 db, rule=dedupe_rule, hash_kind=dedupe_hash, size=dedupe_size, max_distance=max_distance))
-            step("featurize", lambda: featurize_images(db, device=device, progress=progress))
+            step("featurize", lambda: featurize_images(db, backbone=backbone, device=device, progress=progress))
             step("split", lambda: split_images(db, test_ratio=test_ratio, seed=seed))
-            step("train", lambda: train_classifier(db, seed=seed))
+            step("train", lambda: train_classifier(db, feature_model=backbone, seed=seed))
             step("evaluate", lambda: evaluate_model(db, queries_per_label=queries_per_label,
-                                                    negatives_per_query=negatives_per_query, seed=seed, plot=plot))
+                                                    negatives_per_query=negatives_per_query, seed=seed,
+                                                    feature_model=backbone, plot=plot))
             default_queries(db)
-            step("rank", lambda: rank_queries(db, top=top))
+            step("rank", lambda: rank_queries(db, top=top, backbone=backbone))
         except _Interrupted:
             summary.interrupted = True
         counts.update(steps=[name for name, _, _ in summary.steps], interrupted=summary.interrupted)

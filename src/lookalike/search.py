@@ -45,7 +45,8 @@ class Match:
 class Collection:
     """The stored vectors of one space, with their labels and a search index; built once, reused."""
 
-    def __init__(self, db: Database, space: str = "embeddings", backbone: str = DEFAULT_BACKBONE):
+    def __init__(self, db: Database, space: str = "embeddings", backbone: str = DEFAULT_BACKBONE,
+                 index: str = "auto"):
         if space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, not {space!r}")
         self.space, self.backbone = space, backbone
@@ -67,7 +68,7 @@ class Collection:
         self.meta = meta
         self.sha_to_id = {row.sha256: image_id for image_id, row in meta.items()}
         self.vectors = _unit(matrix)
-        self.index = build_index(ids, self.vectors)
+        self.index = build_index(ids, self.vectors, kind=index)
 
     def search(self, vector: np.ndarray, k: int, exclude: set[int] = frozenset()) -> list[Match]:
         found_ids, distances = self.index.search(_unit(vector.reshape(1, -1)), k, exclude=[exclude])
@@ -91,16 +92,20 @@ _cache: dict[tuple, Collection] = {}
 _cache_lock = threading.Lock()
 
 
-def collection(db: Database, space: str = "embeddings", backbone: str = DEFAULT_BACKBONE) -> Collection:
-    """A cached :class:`Collection`, rebuilt only when the stored vectors changed."""
-    key = (db.masked_url, str(db.store.root), space, backbone)
+def collection(db: Database, space: str = "embeddings", backbone: str = DEFAULT_BACKBONE,
+               index: str = "auto") -> Collection:
+    """A cached :class:`Collection`, rebuilt only when the stored vectors changed.
+
+    ``index``: "exact", "ivf" (FAISS, approximate) or "auto" (IVF from 200,000 vectors).
+    """
+    key = (db.masked_url, str(db.store.root), space, backbone, index)
     with _cache_lock:
         cached = _cache.get(key)
         if cached is not None:
             with db.engine.connect() as conn:
                 if _version(conn, space, cached.feature_model_id, cached.classifier_id) == cached.version:
                     return cached
-        fresh = Collection(db, space, backbone)
+        fresh = Collection(db, space, backbone, index)
         _cache[key] = fresh
         return fresh
 
@@ -161,14 +166,15 @@ def query_vector(db: Database, coll: Collection, data: bytes) -> tuple[np.ndarra
 
 
 def similar_images(db: Database, query: int | str | Path | bytes, *, k: int = 10, space: str = "embeddings",
-                   backbone: str = DEFAULT_BACKBONE, limits: FetchLimits = FetchLimits()) -> list[Match]:
+                   backbone: str = DEFAULT_BACKBONE, limits: FetchLimits = FetchLimits(),
+                   index: str = "auto") -> list[Match]:
     """The ``k`` stored images most similar to ``query`` (an image id, a path, a URL or bytes), best first.
 
     The query itself is never among the results when it is a stored image.
     """
     if not 1 <= k <= 1000:
         raise ValueError("k must be between 1 and 1000")
-    coll = collection(db, space, backbone)
+    coll = collection(db, space, backbone, index)
     if isinstance(query, int) or (isinstance(query, str) and query.isdigit()):
         image_id = int(query)
         return coll.search(coll.stored_vector(image_id), k, exclude={image_id})
