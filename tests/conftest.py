@@ -53,6 +53,15 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path}/t.db"
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request, tmp_path):
+    """An empty database, once as a SQLite file and once on the PostgreSQL server."""
+    from lookalike.db import Database
+    url = request.getfixturevalue("sqlite_url") if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    with Database(url, tmp_path / "store") as database:
+        yield database
+
+
 @pytest.fixture(scope="session")
 def sample_images() -> dict[str, bytes]:
     """Encoded sample images: ``a.jpg`` (64x48), ``b.png`` (40x32), ``c.jpg`` (60x80)."""

@@ -23,13 +23,6 @@ from lookalike.split import split_images
 FEATURE_MODEL = "efficientnet-lite0"
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db(request, tmp_path):
-    url = request.getfixturevalue("sqlite_url") if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    with Database(url, tmp_path / "store") as database:
-        yield database
-
-
 def add_feature_model(db: Database, dim: int) -> int:
     with db.begin() as conn:
         return conn.execute(sa.insert(feature_models).values(

@@ -25,13 +25,6 @@ _sha_numbers = itertools.count()
 REFERENCE_LOSSLESS = {"PNG", "BMP", "TIFF", "GIF"}
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db(request, tmp_path):
-    url = request.getfixturevalue("sqlite_url") if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    with Database(url, tmp_path / "store") as database:
-        yield database
-
-
 # ---- building test rows ---------------------------------------------------------------
 
 def add_image(conn, *, label="a", width=100, height=100, byte_size=1000, fmt="JPEG", status="ok",

@@ -19,13 +19,6 @@ from lookalike.split import split_images
 FEATURE_MODEL = "efficientnet-lite0"
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db(request, tmp_path):
-    url = request.getfixturevalue("sqlite_url") if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    with Database(url, tmp_path / "store") as database:
-        yield database
-
-
 def add_collection(db: Database, labels: list[str], vectors: np.ndarray, *, reverse: bool = False) -> dict[str, int]:
     """A feature model, image rows with made-up hashes, their unit-normalised embeddings; returns sha256 -> id."""
     order = range(len(labels) - 1, -1, -1) if reverse else range(len(labels))

@@ -31,13 +31,6 @@ def jpeg(seed: int, size=(64, 48)) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db(request, tmp_path):
-    url = request.getfixturevalue("sqlite_url") if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    with Database(url, tmp_path / "store") as database:
-        yield database
-
-
 def rows(db, table, *columns, where=None):
     query = sa.select(*[table.c[c] for c in columns])
     if where is not None:

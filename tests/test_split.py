@@ -12,13 +12,6 @@ from lookalike.db import Database, dedupe_runs, duplicate_groups, images, now, r
 from lookalike.split import count_test_images, split_images, split_number, unique_image_ids
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db(request, tmp_path):
-    url = request.getfixturevalue("sqlite_url") if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    with Database(url, tmp_path / "store") as database:
-        yield database
-
-
 def add_images(db: Database, per_label: dict[str | None, int], *, status: str = "ok", reverse: bool = False
                ) -> dict[str, int]:
     """Insert image rows with made-up content hashes; return sha256 -> id."""
