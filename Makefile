@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/lookalike samples $(DEMO)/samples
 	$(BIN)/lookalike --db sqlite:///$(DEMO)/lookalike.db run $(DEMO)/samples/manifest.tsv --plot $(DEMO)/evaluation.png
 	$(BIN)/lookalike -q samples $(DEMO)/new --per-label 1 --seed 7 --copy-share 0 >/dev/null
-	$(BIN)/lookalike --db sqlite:///$(DEMO)/lookalike.db similar $(DEMO)/new/leopard/leopard_0000.jpg --sheet $(DEMO)/similar.png
+	$(BIN)/lookalike --db sqlite:///$(DEMO)/lookalike.db similar $(DEMO)/new/leopard/leopard_0001.jpg --sheet $(DEMO)/similar.png
 
 test: $(STAMP) system-deps
 	CI=$${CI:-1} $(BIN)/pytest -q

@@ -219,9 +219,10 @@ def cmd_similar(args) -> int:
     if args.json:
         print(json.dumps([m.as_dict() for m in matches], indent=2))
     else:
-        print(f"{'rank':>4}  {'image':>7}  {'label':<12} {'similarity':>10}  source")
+        print(f"{'rank':>4}  {'image':>7}  {'label':<12} {'distance':>8} {'similarity':>10}  source")
         for m in matches:
-            print(f"{m.rank:>4}  {m.image_id:>7}  {m.label or '':<12} {m.similarity:>10.4f}  {m.source}")
+            print(f"{m.rank:>4}  {m.image_id:>7}  {m.label or '':<12} {m.distance:>8.4f} {m.similarity:>10.4f}  "
+                  f"{m.source}")
     if args.sheet:
         print(f"contact sheet: {args.sheet}", file=sys.stderr if args.json else sys.stdout)
     return 0
@@ -235,7 +236,7 @@ def _similar_sheet(db, query, matches, path: Path) -> None:
     query_data = (db.store.get(image_sha256(db, int(query))) if str(query).isdigit()
                   else query_bytes(query, FetchLimits()))
     tiles = [(open_image(query_data), "query")]
-    tiles += [(open_image(db.store.get(image_sha256(db, m.image_id))), f"{m.rank}. {m.label}\nsim {m.similarity:.3f}")
+    tiles += [(open_image(db.store.get(image_sha256(db, m.image_id))), f"{m.rank}. {m.label}\ndistance {m.distance:.3f}")
               for m in matches]
     path.parent.mkdir(parents=True, exist_ok=True)
     contact_sheet(tiles, columns=6, title=f"{len(matches)} most similar to {Path(str(query)).name}").save(path)
