@@ -117,12 +117,14 @@ def cmd_is_duplicate(args) -> int:
     radius = default_max_distance(args.hash, args.size) if args.max_distance is None else args.max_distance
     with _open_db(args) as db:
         # Nearest stored hashes whatever their distance; the radius decides the verdict.
-        nearest = is_duplicate(db, data, hash_kind=args.hash, size=args.size, max_distance=hash_bits(args.hash, args.size),
-                               limit=args.top, include_low_detail=args.include_low_detail)
+        nearest = is_duplicate(db, data, hash_kind=args.hash, size=args.size,
+                               max_distance=hash_bits(args.hash, args.size), limit=args.top,
+                               include_low_detail=args.include_low_detail)
     within = [m for m in nearest if m.distance <= radius]
     print(f"{'image':>7}  {'label':<12} {'distance':>8}")
     for m in nearest:
-        print(f"{m.image_id:>7}  {m.label or '':<12} {m.distance:>8}{'  within radius' if m.distance <= radius else ''}")
+        verdict = "  within radius" if m.distance <= radius else ""
+        print(f"{m.image_id:>7}  {m.label or '':<12} {m.distance:>8}{verdict}")
     if within:
         print(f"duplicate: {len(within)} stored image(s) within {radius} bits ({args.hash} size {args.size})")
         return 0
@@ -236,8 +238,8 @@ def _similar_sheet(db, query, matches, path: Path) -> None:
     query_data = (db.store.get(image_sha256(db, int(query))) if str(query).isdigit()
                   else query_bytes(query, FetchLimits()))
     tiles = [(open_image(query_data), "query")]
-    tiles += [(open_image(db.store.get(image_sha256(db, m.image_id))), f"{m.rank}. {m.label}\ndistance {m.distance:.3f}")
-              for m in matches]
+    tiles += [(open_image(db.store.get(image_sha256(db, m.image_id))),
+               f"{m.rank}. {m.label}\ndistance {m.distance:.3f}") for m in matches]
     path.parent.mkdir(parents=True, exist_ok=True)
     contact_sheet(tiles, columns=6, title=f"{len(matches)} most similar to {Path(str(query)).name}").save(path)
 
