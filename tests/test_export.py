@@ -474,3 +474,20 @@ def test_an_image_missing_from_the_store_fails_alone_and_holds_back_the_manifest
         lost.write_bytes(kept)
         again = export_images(db, str(tmp_path / "out"), progress=False)
         assert (again.uploaded, again.already_there, again.failed, again.manifests_written) == (1, 3, {}, 2)
+
+
+def test_export_from_postgresql_via_the_cli(pg_url, tmp_path):
+    """The same collection on the PostgreSQL server, exported by the command a user types."""
+    samples = render_samples(tmp_path / "samples", per_label=6, seed=2)
+    with Database(pg_url, tmp_path / "store") as db:
+        load_images(db, samples.root, progress=False)
+        hash_images(db, progress=False)
+        dedupe_images(db, rule="near")
+        split_images(db, seed=2)
+        expected = expected_objects(db)
+    dest = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "lookalike.cli", "--db", pg_url, "--store", str(tmp_path / "store"),
+                           "-q", "export", str(dest)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert folder_objects(dest) == {key: data for key, (data, _) in expected.items()}
+    assert len((dest / "transferimages.txt").read_text().splitlines()) == len(expected)
