@@ -156,3 +156,36 @@ def test_killed_featurize_resumes_with_one_embedding_per_image(tmp_path):
     with Database(url) as db, db.engine.connect() as conn:
         counts = conn.execute(sa.text("SELECT image_id, count(*) FROM embeddings GROUP BY image_id")).all()
         assert len(counts) == sample_set.images and all(n == 1 for _, n in counts)
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_run_keeps_finished_work_and_a_rerun_finishes(tmp_path):
+    sample_set = render_samples(tmp_path / "many", per_label=100, seed=5)
+    url = f"sqlite:///{tmp_path}/interrupt.db"
+    proc = subprocess.Popen(LOOKALIKE + ["--db", url, "run", str(sample_set.manifest)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    engine = sa.create_engine(url)
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:   # wait until featurize has committed some
+        time.sleep(0.2)
+        try:
+            with engine.connect() as conn:
+                if conn.execute(sa.text("SELECT count(*) FROM embeddings")).scalar():
+                    break
+        except sa.exc.OperationalError:
+            pass   # tables not there yet
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    engine.dispose()
+    assert proc.returncode == 130, err
+    assert "[hash]" in out and "[featurize]" in out and "[split]" not in out and "interrupted" in out
+
+    rerun = subprocess.run(LOOKALIKE + ["--db", url, "run"], capture_output=True, text=True, check=True)
+    assert "hash: 0 hashed" in rerun.stdout and "[rank]" in rerun.stdout
+    with Database(url) as db, db.engine.connect() as conn:
+        counts = conn.execute(sa.text("SELECT image_id, count(*) FROM embeddings GROUP BY image_id")).all()
+        assert len(counts) == sample_set.images and all(n == 1 for _, n in counts)
+        outcomes = conn.execute(sa.select(runs.c.step, runs.c.outcome).where(runs.c.step.in_(["run", "featurize"]))
+                                .order_by(runs.c.id)).all()
+        assert [tuple(r) for r in outcomes] == [("featurize", "interrupted"), ("run", "interrupted"),
+                                                ("featurize", "ok"), ("run", "ok")]

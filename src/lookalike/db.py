@@ -401,6 +401,8 @@ def recorded_run(db: Database, step: str, params: dict[str, Any] | None = None) 
         outcome, error = "failed", f"{type(exc).__name__}: {exc}"[:2000]
         raise
     finally:
+        if outcome == "ok" and counts.get("interrupted"):   # a step that caught Ctrl-C and kept its work
+            outcome = "interrupted"
         with db.begin() as conn:
             conn.execute(sa.insert(runs).values(
                 step=step, params=json.dumps(params or {}, sort_keys=True, default=str),

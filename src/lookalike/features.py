@@ -108,7 +108,8 @@ def featurize_images(db: Database, *, backbone: str = DEFAULT_BACKBONE, device: 
             summary.embedded += _write(db, pending)
             summary.interrupted = True
         summary.seconds = time.monotonic() - started
-        counts.update(embedded=summary.embedded, already=summary.already, failed=dict(summary.failed))
+        counts.update(embedded=summary.embedded, already=summary.already, failed=dict(summary.failed),
+                      interrupted=summary.interrupted)
     return summary
 
 
