@@ -233,3 +233,14 @@ def test_killed_load_resumes_and_every_image_is_present_once(tmp_path):
             assert conn.execute(sa.select(sa.func.count()).select_from(images)).scalar() == count
             assert conn.execute(sa.select(sa.func.count(sa.distinct(image_sources.c.source)))).scalar() == count
             assert conn.execute(sa.select(sa.func.count()).select_from(image_sources)).scalar() == count
+
+
+def test_same_bytes_listed_twice_take_the_label_listed_first_whichever_arrives_first(db, tmp_path, http_server):
+    # The first line's server fails once (retried after a backoff), so the second line's copy lands first.
+    manifest = tmp_path / "twice.tsv"
+    manifest.write_text(f"dotted\t{http_server.url('/flaky500/a.jpg')}\nstriped\t{http_server.url('/img/a.jpg')}\n")
+    summary = load_images(db, manifest, limits=FetchLimits(backoff=0.3), progress=False)
+    assert (summary.loaded, summary.already_present) == (1, 1)
+    assert http_server.hits["/flaky500/a.jpg"] == 2
+    ((label, source),) = rows(db, images, "label", "source")
+    assert (label, source) == ("dotted", http_server.url("/flaky500/a.jpg"))

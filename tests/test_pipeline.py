@@ -189,3 +189,16 @@ def test_ctrl_c_during_run_keeps_finished_work_and_a_rerun_finishes(tmp_path):
                                 .order_by(runs.c.id)).all()
         assert [tuple(r) for r in outcomes] == [("featurize", "interrupted"), ("run", "interrupted"),
                                                 ("featurize", "ok"), ("run", "ok")]
+
+
+def test_status_shows_how_far_the_pipeline_got(sqlite_run, sample_set):
+    db, _ = sqlite_run
+    done = subprocess.run(LOOKALIKE + ["--db", str(db.url), "status"], capture_output=True, text=True, check=True)
+    lines = done.stdout.splitlines()
+    assert f"hashed:   {sample_set.images} of {sample_set.images} ok images" in lines
+    assert f"embedded: {sample_set.images} of {sample_set.images} ok images (efficientnet-lite0)" in lines
+    with db.engine.connect() as conn:
+        parts = dict(conn.execute(sa.select(splits.c.split, sa.func.count()).group_by(splits.c.split)).all())
+    assert f"split:    {parts['train']} train, {parts['test']} test" in lines
+    steps = [line.split()[0] for line in lines[lines.index("last run of each step:") + 1:]]
+    assert steps == ["hash", "dedupe", "featurize", "split", "train", "evaluate", "rank", "run"]

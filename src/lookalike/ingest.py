@@ -292,6 +292,7 @@ def load_images(db: Database, source: str | Path | Iterable[Item], *, label_colu
         progress = sys.stderr.isatty()
 
     pending_rows: list[_Fetched] = []
+    order = _InputOrder({item.source: i for i, item in enumerate(todo)})
     last_commit = time.monotonic()
     bar = tqdm(total=len(todo), unit="img", desc="load", disable=not progress, leave=False)
     client = make_client(limits, concurrency)
@@ -313,14 +314,14 @@ def load_images(db: Database, source: str | Path | Iterable[Item], *, label_colu
                 pending_rows.append(future.result())
                 bar.update(1)
             if len(pending_rows) >= COMMIT_EVERY or time.monotonic() - last_commit > COMMIT_SECONDS:
-                _record(db, pending_rows, summary)
+                _record(db, pending_rows, summary, order)
                 pending_rows, last_commit = [], time.monotonic()
-        _record(db, pending_rows, summary)
+        _record(db, pending_rows, summary, order)
     except KeyboardInterrupt:
         summary.interrupted = True
         for future in in_flight:
             future.cancel()
-        _record(db, pending_rows, summary)
+        _record(db, pending_rows, summary, order)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         client.close()
@@ -328,11 +329,21 @@ def load_images(db: Database, source: str | Path | Iterable[Item], *, label_colu
     return summary
 
 
-def _record(db: Database, results: list[_Fetched], summary: LoadSummary) -> None:
+@dataclass
+class _InputOrder:
+    """Downloads finish in any order; the same bytes under two sources of one load must
+    still get the label of the source listed first, whichever finished first."""
+
+    position: dict[str, int]                                 # source -> index in the input
+    owner: dict[str, int] = field(default_factory=dict)      # sha256 -> index of the source its row has
+
+
+def _record(db: Database, results: list[_Fetched], summary: LoadSummary, order: _InputOrder) -> None:
     """Write one batch in one transaction: images first, then the sources that point at them."""
     if not results:
         return
     stamp = now()
+    results = sorted(results, key=lambda r: order.position[r.item.source])
     with db.begin() as conn:
         for r in results:
             item = r.item
@@ -348,6 +359,7 @@ def _record(db: Database, results: list[_Fetched], summary: LoadSummary) -> None
                         status="ok" if info else "failed", reason=r.decode_reason,
                         loaded_at=stamp, metadata=to_json(item.metadata),
                     ).returning(images.c.id)).scalar_one()
+                    order.owner[r.data_sha] = order.position[item.source]
                     if info:
                         summary.loaded += 1
                     else:
@@ -355,6 +367,10 @@ def _record(db: Database, results: list[_Fetched], summary: LoadSummary) -> None
                 else:
                     image_id = existing
                     summary.already_present += 1
+                    if order.position[item.source] < order.owner.get(r.data_sha, -1):  # listed earlier, came later
+                        conn.execute(sa.update(images).where(images.c.id == existing).values(
+                            label=item.label, source=item.source, metadata=to_json(item.metadata)))
+                        order.owner[r.data_sha] = order.position[item.source]
             else:
                 summary.failed[r.fetch_reason] += 1
             values = dict(image_id=image_id, label=item.label,

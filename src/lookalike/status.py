@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from .db import Database, image_sources, images
+from .db import Database, embeddings, feature_models, hashed_images, image_sources, images, runs, splits
 
 
 @dataclass(frozen=True)
@@ -15,6 +15,10 @@ class CollectionStatus:
     store: str
     by_label: list[tuple[str | None, str, int]]  # (label, status, images)
     fetch_failures: list[tuple[str, int]]        # (reason, sources) for sources with no bytes
+    hashed: int = 0                              # ok images the hash step has finished
+    embedded: list[tuple[str, int]] = ()         # (feature model, images with an embedding)
+    split: list[tuple[str, int]] = ()            # (train | test, images)
+    last_runs: list[tuple[str, str, str, float]] = ()  # (step, outcome, started, seconds), latest per step
 
     def lines(self) -> list[str]:
         out = [f"database: {self.database}", f"store:    {self.store}"]
@@ -33,6 +37,15 @@ class CollectionStatus:
             out.append(f"{'total':<20} {totals.get('ok', 0):>8} {totals.get('failed', 0):>8}")
         for reason, n in self.fetch_failures:
             out.append(f"not fetched: {n:>5}  {reason}")
+        if self.by_label:
+            ok = totals.get("ok", 0)
+            out.append(f"hashed:   {self.hashed} of {ok} ok images")
+            out += [f"embedded: {n} of {ok} ok images ({model})" for model, n in self.embedded] or ["embedded: none"]
+            out.append("split:    " + (", ".join(f"{n} {part}" for part, n in self.split) or "none"))
+        if self.last_runs:
+            out.append("last run of each step:")
+            out += [f"  {step:<10} {outcome:<12} {started}  {seconds:.1f} s"
+                    for step, outcome, started, seconds in self.last_runs]
         return out
 
 
@@ -47,5 +60,20 @@ def collection_status(db: Database) -> CollectionStatus:
             .where(image_sources.c.image_id.is_(None))
             .group_by(image_sources.c.reason).order_by(sa.func.count().desc())
         ).all()
+        hashed = conn.execute(sa.select(sa.func.count()).select_from(hashed_images)
+                              .join(images, images.c.id == hashed_images.c.image_id)
+                              .where(images.c.status == "ok")).scalar()
+        embedded = conn.execute(sa.select(feature_models.c.name, sa.func.count())
+                                .join(embeddings, embeddings.c.model_id == feature_models.c.id)
+                                .group_by(feature_models.c.id, feature_models.c.name)
+                                .order_by(feature_models.c.id)).all()
+        split = conn.execute(sa.select(splits.c.split, sa.func.count()).group_by(splits.c.split)
+                             .order_by(splits.c.split.desc())).all()
+        latest = sa.select(sa.func.max(runs.c.id)).group_by(runs.c.step)
+        last_runs = conn.execute(sa.select(runs.c.step, runs.c.outcome, runs.c.started_at, runs.c.seconds)
+                                 .where(runs.c.id.in_(latest)).order_by(runs.c.id)).all()
     return CollectionStatus(db.masked_url, str(db.store.root),
-                            [tuple(r) for r in by_label], [tuple(r) for r in failures])
+                            [tuple(r) for r in by_label], [tuple(r) for r in failures], hashed,
+                            [tuple(r) for r in embedded], [tuple(r) for r in split],
+                            [(step, outcome, f"{started:%Y-%m-%d %H:%M:%S}", seconds)
+                             for step, outcome, started, seconds in last_runs])
