@@ -87,6 +87,14 @@ def test_similar_finds_same_texture_and_never_the_query(sqlite_run, sample_set):
     assert labels.most_common(1)[0][0] == "leopard" and labels["leopard"] >= 5
     by_id = similar_images(db, query_id, k=10)
     assert [m.image_id for m in by_id] == [m.image_id for m in matches]
+    # A label filter still gives k rows, all of that label, nearest first, never the query.
+    striped = similar_images(db, query_id, k=10, label="striped")
+    assert len(striped) == 10 and {m.label for m in striped} == {"striped"}
+    assert [m.distance for m in striped] == sorted(m.distance for m in striped)
+    unfiltered = [m.image_id for m in matches if m.label == "striped"]
+    assert [m.image_id for m in striped][:len(unfiltered)] == unfiltered
+    with pytest.raises(LookupError, match="no searchable image has label 'tartan'"):
+        similar_images(db, query_id, k=10, label="tartan")
 
 
 def test_same_results_on_postgresql(sqlite_run, sample_set, pg_url):

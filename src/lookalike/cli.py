@@ -215,7 +215,7 @@ def cmd_similar(args) -> int:
     from .search import similar_images
     with _open_db(args) as db:
         matches = similar_images(db, args.image, k=args.top, space=args.space, backbone=args.backbone,
-                                 index=args.index)
+                                 index=args.index, label=args.label)
         if args.sheet:
             _similar_sheet(db, args.image, matches, args.sheet)
     if args.json:
@@ -368,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--space", choices=["embeddings", "scores"], default="embeddings")
     p.add_argument("--backbone", default="efficientnet-lite0")
+    p.add_argument("--label", help="only images with this label (still --top of them)")
     p.add_argument("--index", choices=["auto", "exact", "ivf"], default="auto",
                    help="vector search: exact (NumPy), ivf (FAISS, approximate), auto: ivf from 200,000 vectors")
     p.add_argument("--sheet", type=Path, help="save a contact sheet PNG of the results")

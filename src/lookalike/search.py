@@ -70,8 +70,15 @@ class Collection:
         self.vectors = _unit(matrix)
         self.index = build_index(ids, self.vectors, kind=index)
 
-    def search(self, vector: np.ndarray, k: int, exclude: set[int] = frozenset()) -> list[Match]:
-        found_ids, distances = self.index.search(_unit(vector.reshape(1, -1)), k, exclude=[exclude])
+    def search(self, vector: np.ndarray, k: int, exclude: set[int] = frozenset(),
+               label: str | None = None) -> list[Match]:
+        """The k nearest stored images; with ``label``, the k nearest of that label (still k when there are)."""
+        allowed = None
+        if label is not None:
+            allowed = [image_id for image_id, row in self.meta.items() if row.label == label]
+            if not allowed:
+                raise LookupError(f"no searchable image has label {label!r}")
+        found_ids, distances = self.index.search(_unit(vector.reshape(1, -1)), k, exclude=[exclude], allowed=allowed)
         out = []
         for rank, (image_id, distance) in enumerate(zip(found_ids[0], distances[0]), start=1):
             if image_id < 0:
@@ -167,8 +174,10 @@ def query_vector(db: Database, coll: Collection, data: bytes) -> tuple[np.ndarra
 
 def similar_images(db: Database, query: int | str | Path | bytes, *, k: int = 10, space: str = "embeddings",
                    backbone: str = DEFAULT_BACKBONE, limits: FetchLimits = FetchLimits(),
-                   index: str = "auto") -> list[Match]:
+                   index: str = "auto", label: str | None = None) -> list[Match]:
     """The ``k`` stored images most similar to ``query`` (an image id, a path, a URL or bytes), best first.
+
+    ``label`` keeps only images with that label (``k`` of them when there are).
 
     The query itself is never among the results when it is a stored image.
     """
@@ -177,9 +186,9 @@ def similar_images(db: Database, query: int | str | Path | bytes, *, k: int = 10
     coll = collection(db, space, backbone, index)
     if isinstance(query, int) or (isinstance(query, str) and query.isdigit()):
         image_id = int(query)
-        return coll.search(coll.stored_vector(image_id), k, exclude={image_id})
+        return coll.search(coll.stored_vector(image_id), k, exclude={image_id}, label=label)
     vector, stored_id = query_vector(db, coll, query_bytes(query, limits))
-    return coll.search(vector, k, exclude={stored_id} if stored_id is not None else set())
+    return coll.search(vector, k, exclude={stored_id} if stored_id is not None else set(), label=label)
 
 
 # ---------------------------------------------------------------- batch: query_images -> ranking_results
