@@ -37,7 +37,7 @@ PER_LABEL = 6  # 3 labels: 18 originals and a couple of near-copies
 
 def build_collection(root: Path, db_url: str | None = None, samples: SampleSet | None = None,
                      *, full: bool = True) -> tuple[Database, SampleSet]:
-    """Render (or reuse) the sample set and run the pipeline over it into ``db_url`` (SQLite under ``root`` by default)."""
+    """Render (or reuse) the sample set and run the pipeline into ``db_url`` (default: SQLite under ``root``)."""
     samples = samples or render_samples(root / "samples", per_label=PER_LABEL, seed=1)
     db = Database(db_url or f"sqlite:///{root}/web.db", root / "store")
     load_images(db, samples.manifest, progress=False)

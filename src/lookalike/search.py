@@ -63,7 +63,8 @@ class Collection:
                 .where(images.c.id.in_(sa.select(embeddings.c.image_id)
                                        .where(embeddings.c.model_id == self.feature_model_id))))}
         if len(ids) == 0:
-            raise LookupError(f"no stored {space} to search: run featurize" + (" and train" if space == "scores" else ""))
+            needs = "featurize and train" if space == "scores" else "featurize"
+            raise LookupError(f"no stored {space} to search: run {needs}")
         self.ids = ids
         self.meta = meta
         self.sha_to_id = {row.sha256: image_id for image_id, row in meta.items()}
