@@ -21,6 +21,9 @@ NumPy with pywt's exact operation order, so pywt is not needed at run time.
 from __future__ import annotations
 
 import math
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Iterable
@@ -28,7 +31,12 @@ from typing import Iterable
 import numpy as np
 import PIL
 import scipy.fft
+import sqlalchemy as sa
 from PIL import Image
+from tqdm import tqdm
+
+from .db import Database, hashed_images, image_hashes, images, now, recorded_run
+from .images import ImageError, open_image
 
 KINDS = ("dhash_rowcol", "ahash", "dhash", "phash", "whash")
 
@@ -431,7 +439,6 @@ class HashSummary:
 
 
 def _hash_one(path, dhash_sizes, imagehash_sizes, draft):
-    from .images import ImageError, open_image
     if not path.exists():   # one reason for all such images, not one per path
         return None, None, "missing from the image store"
     try:
@@ -441,7 +448,7 @@ def _hash_one(path, dhash_sizes, imagehash_sizes, draft):
     return compute_hashes(img, dhash_sizes=dhash_sizes, imagehash_sizes=imagehash_sizes), is_low_detail(img), None
 
 
-def hash_images(db, *, imagehash_sizes: Iterable[int] = (8,), draft: bool = False, workers: int = 2,
+def hash_images(db: Database, *, imagehash_sizes: Iterable[int] = (8,), draft: bool = False, workers: int = 2,
                 progress: bool | None = None) -> HashSummary:
     """Store dHash 1..8 and a/d/p/wHash at ``imagehash_sizes`` for every ok image not hashed yet.
 
@@ -450,15 +457,6 @@ def hash_images(db, *, imagehash_sizes: Iterable[int] = (8,), draft: bool = Fals
     flag). ``draft=True`` decodes JPEGs at reduced scale: faster, but its
     hashes differ from the reference packages' and are marked as such.
     """
-    import sys
-    import time
-    from concurrent.futures import ThreadPoolExecutor
-
-    import sqlalchemy as sa
-    from tqdm import tqdm
-
-    from .db import hashed_images, image_hashes, images, now, recorded_run
-
     dsizes, isizes = _check_sizes(range(1, 9), imagehash_sizes)
     hasher = DRAFT_HASHER_VERSION if draft else HASHER_VERSION
     if progress is None:
