@@ -1,6 +1,6 @@
 """`make bench`: every benchmark in bench/, one after another, each printing its own ratios.
 
-    python bench/run_all.py [--full]    # default: each with --quick (about 15 minutes on 2 cores)
+    python bench/run_all.py [--full]    # default: each with --quick (about 4 minutes on 2 cores)
 """
 
 from __future__ import annotations
