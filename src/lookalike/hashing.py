@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections import Counter
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -424,7 +425,7 @@ class HashSummary:
     hashed: int = 0
     already: int = 0
     low_detail: int = 0
-    failed: dict = field(default_factory=dict)   # reason -> count
+    failed: Counter = field(default_factory=Counter)   # reason -> images
     seconds: float = 0.0
     interrupted: bool = False
 
@@ -432,7 +433,7 @@ class HashSummary:
         rate = self.hashed / self.seconds if self.seconds > 0 else 0.0
         out = [f"hash: {self.hashed} hashed ({rate:.1f} images/s), {self.already} already hashed, "
                f"{self.low_detail} low-detail, {sum(self.failed.values())} failed"]
-        out += [f"  failed: {n:>5}  {reason}" for reason, n in sorted(self.failed.items(), key=lambda kv: -kv[1])]
+        out += [f"  failed: {n:>5}  {reason}" for reason, n in self.failed.most_common()]
         if self.interrupted:
             out.append("interrupted: hashes written so far are kept; run again to finish")
         return out
@@ -493,7 +494,7 @@ def hash_images(db: Database, *, imagehash_sizes: Iterable[int] = (8,), draft: b
                 for image_id, (hashes, low, reason) in pool.map(work, todo):
                     bar.update()
                     if hashes is None:
-                        summary.failed[reason] = summary.failed.get(reason, 0) + 1
+                        summary.failed[reason] += 1
                         continue
                     hash_rows.extend(dict(image_id=image_id, kind=h.kind, size=h.size, hex=h.hex,
                                           value=h.to_signed64(), bits=h.bits, hasher=hasher) for h in hashes)
@@ -503,12 +504,11 @@ def hash_images(db: Database, *, imagehash_sizes: Iterable[int] = (8,), draft: b
                         flush()
             flush()
         except KeyboardInterrupt:
-            pool.shutdown(wait=False, cancel_futures=True)
             flush()
             summary.interrupted = True
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
         summary.seconds = time.monotonic() - started
         counts.update(hashed=summary.hashed, already=summary.already, low_detail=summary.low_detail,
-                      failed=summary.failed, interrupted=summary.interrupted)
+                      failed=dict(summary.failed), interrupted=summary.interrupted)
     return summary
