@@ -324,7 +324,7 @@ class Database:
                                   f"({SCHEMA_VERSION}); upgrade lookalike")
             metadata.create_all(conn)  # creates only missing tables
             _migrate(conn, found)
-            from .dedupe import ensure_views
+            from .dedupe import ensure_views  # here, not at the top: dedupe imports this module
             ensure_views(conn, self.dialect)
             if found != SCHEMA_VERSION:
                 conn.execute(sa.delete(settings).where(settings.c.key == "schema_version"))

@@ -21,8 +21,9 @@ Nothing is deleted. Each run writes a ``dedupe_runs`` row and its
 latest run's parameters replaces that run's groups in place. The
 ``unique_images`` view (ok images that are not duplicates in the latest run) is
 what later steps read; :func:`ensure_views` creates it, the ``image_dhash``
-view, and on PostgreSQL the ``hamming(text, text)`` SQL function (on SQLite the
-function is registered per connection by :func:`register_sqlite_functions`).
+view, and on PostgreSQL the ``hamming(text, text)`` SQL function, whenever a
+``Database`` is opened (on SQLite the function is registered per connection by
+:func:`register_sqlite_functions`).
 """
 
 from __future__ import annotations
@@ -217,7 +218,6 @@ def dedupe_images(db: Database, *, rule: str = "exact", hash_kind: str | None = 
 
     with recorded_run(db, "dedupe", params) as counts:
         with db.begin() as conn:
-            ensure_views(conn, db.dialect)
             run_id, replaced = _start_run(conn, params)
             summary = DedupeSummary(run_id, rule, hash_kind, size, max_distance, bool(per_label),
                                     bool(include_low_detail), replaced=replaced)
