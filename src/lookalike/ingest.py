@@ -343,7 +343,6 @@ def _record(db: Database, results: list[_Fetched], summary: LoadSummary, order: 
     if not results:
         return
     stamp = now()
-    results = sorted(results, key=lambda r: order.position[r.item.source])
     with db.begin() as conn:
         for r in results:
             item = r.item
