@@ -212,12 +212,15 @@ def cmd_rank(args) -> int:
 
 def cmd_similar(args) -> int:
     import json
-    from .search import similar_images
+    from .ingest import FetchLimits
+    from .search import query_bytes, similar_images
+    # A path or URL is read once: the search and the contact sheet use the same bytes.
+    query = args.image if args.image.isdigit() else query_bytes(args.image, FetchLimits())
     with _open_db(args) as db:
-        matches = similar_images(db, args.image, k=args.top, space=args.space, backbone=args.backbone,
+        matches = similar_images(db, query, k=args.top, space=args.space, backbone=args.backbone,
                                  index=args.index, label=args.label)
         if args.sheet:
-            _similar_sheet(db, args.image, matches, args.sheet)
+            _similar_sheet(db, args.image, query, matches, args.sheet)
     if args.json:
         print(json.dumps([m.as_dict() for m in matches], indent=2))
     else:
@@ -230,18 +233,16 @@ def cmd_similar(args) -> int:
     return 0
 
 
-def _similar_sheet(db, query, matches, path: Path) -> None:
+def _similar_sheet(db, name: str, query: str | bytes, matches, path: Path) -> None:
     from .images import open_image
-    from .search import query_bytes, image_sha256
-    from .ingest import FetchLimits
+    from .search import image_sha256
     from .sheets import contact_sheet
-    query_data = (db.store.get(image_sha256(db, int(query))) if str(query).isdigit()
-                  else query_bytes(query, FetchLimits()))
+    query_data = query if isinstance(query, bytes) else db.store.get(image_sha256(db, int(query)))
     tiles = [(open_image(query_data), "query")]
     tiles += [(open_image(db.store.get(image_sha256(db, m.image_id))),
                f"{m.rank}. {m.label}\ndistance {m.distance:.3f}") for m in matches]
     path.parent.mkdir(parents=True, exist_ok=True)
-    contact_sheet(tiles, columns=6, title=f"{len(matches)} most similar to {Path(str(query)).name}").save(path)
+    contact_sheet(tiles, columns=6, title=f"{len(matches)} most similar to {Path(name).name}").save(path)
 
 
 def cmd_run(args) -> int:
