@@ -178,3 +178,17 @@ def probe(source: Source) -> ImageInfo:
     if orientation in (5, 6, 7, 8):  # these orientations swap width and height
         width, height = height, width
     return ImageInfo(width=width, height=height, format=fmt)
+
+
+
+def thumbnail_jpeg(source: Source, size: int, quality: int) -> bytes:
+    """The image as a JPEG no larger than ``size`` on its longest side.
+
+    JPEGs decode at reduced scale (``draft``): a thumbnail needs no more.
+    Raises :class:`ImageError` as :func:`open_image` does.
+    """
+    image = open_image(source, draft=(size, size))
+    image.thumbnail((size, size))
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=quality, optimize=True)
+    return out.getvalue()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import sqlalchemy as sa
 
 from .db import Database, dedupe_runs, duplicate_groups, images
 from .dedupe import UniqueCounts
-from .images import ImageError, open_image
+from .images import ImageError, thumbnail_jpeg
 
 THUMBNAIL_SIZE = 160   # longest side, pixels
 THUMBNAIL_QUALITY = 80
@@ -73,13 +72,10 @@ def duplicate_groups_report(db: Database, run_id: int | None = None) -> list[Gro
 def _thumbnail_uri(db: Database, sha256: str) -> str | None:
     """A small JPEG of the stored image as a data: URI, or None when it cannot be read."""
     try:
-        image = open_image(db.store.get(sha256))
+        thumbnail = thumbnail_jpeg(db.store.get(sha256), THUMBNAIL_SIZE, THUMBNAIL_QUALITY)
     except (FileNotFoundError, ImageError):
         return None
-    image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=THUMBNAIL_QUALITY)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return "data:image/jpeg;base64," + base64.b64encode(thumbnail).decode("ascii")
 
 
 _PAGE_STYLE = """

@@ -22,7 +22,6 @@ start-up and shared by every request; request handlers run in a thread pool.
 from __future__ import annotations
 
 import base64
-import io
 import ipaddress
 import logging
 import socket
@@ -53,7 +52,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..config import mask_secrets
 from ..db import Database, dedupe_runs, embeddings, evaluation_results, evaluations, feature_models, images
-from ..images import ImageError, open_image
+from ..images import ImageError, thumbnail_jpeg
 from ..ingest import FetchError, FetchLimits, fetch, make_client
 from ..search import Match, collection, similar_images
 from ..store import sha256_hex
@@ -291,24 +290,16 @@ def _response(outcome: Outcome, k: int) -> SimilarResponse:
 
 # ---------------------------------------------------------------- images and thumbnails
 
-def thumbnail_jpeg(data: bytes, size: int = THUMBNAIL_PX) -> bytes:
-    """A JPEG no larger than ``size`` on its longest side."""
-    image = open_image(data, draft=(size, size))
-    image.thumbnail((size, size))
-    out = io.BytesIO()
-    image.save(out, "JPEG", quality=THUMBNAIL_QUALITY, optimize=True)
-    return out.getvalue()
-
-
 @lru_cache(maxsize=2048)
 def _stored_thumbnail(path: Path) -> bytes:
     # Keyed by the content-addressed store path: the bytes behind it never change.
-    return thumbnail_jpeg(path.read_bytes())
+    return thumbnail_jpeg(path.read_bytes(), THUMBNAIL_PX, THUMBNAIL_QUALITY)
 
 
 def _data_uri(data: bytes) -> str | None:
     try:
-        return "data:image/jpeg;base64," + base64.b64encode(thumbnail_jpeg(data)).decode("ascii")
+        thumbnail = thumbnail_jpeg(data, THUMBNAIL_PX, THUMBNAIL_QUALITY)
+        return "data:image/jpeg;base64," + base64.b64encode(thumbnail).decode("ascii")
     except ImageError:
         return None
 
