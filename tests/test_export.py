@@ -62,6 +62,9 @@ def collection(tmp_path_factory):
     """The rendered sample set (3 labels, planted near-copies) loaded, hashed, deduped and split."""
     root = tmp_path_factory.mktemp("export_collection")
     render_samples(root / "samples", per_label=6, seed=2)
+    # One copy every rule finds, whatever copies the renderer plants: the same pixels saved as PNG.
+    original = sorted((root / "samples" / "dotted").glob("*.jpg"))[0]
+    Image.open(original).save(original.with_name("dotted_png_copy.png"))
     with Database(f"sqlite:///{root}/t.db", root / "store") as db:
         load_images(db, root / "samples", progress=False)
         hash_images(db, progress=False)
@@ -427,13 +430,17 @@ def test_label_segment_refuses_unusable_labels(label):
         label_segment(label)
 
 
-def test_labels_that_sanitise_to_one_folder_are_refused(tmp_path):
+def test_labels_that_sanitise_to_one_folder_are_skipped_unless_spelled_as_the_folder(tmp_path):
     rng = np.random.default_rng(1)
-    blobs = [encode(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)) for _ in range(4)]
-    with small_collection(tmp_path, {"a/b": blobs[:2], "a:b": blobs[2:]}, hashed=False) as db:
+    blobs = [encode(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)) for _ in range(8)]
+    with small_collection(tmp_path, {"a/b": blobs[:2], "a:b": blobs[2:4], "a_b": blobs[4:6], "c/d": blobs[6:]},
+                          hashed=False) as db:
         split_images(db)
-        with pytest.raises(ExportError, match="would share one folder name 'a_b'"):
-            plan_export(db)
+        plan = plan_export(db)
+        assert {o.label for o in plan.objects} == {"a_b", "c/d"}
+        assert plan.renamed_labels == {"c/d": "c_d"}
+        assert {label: n for label, (n, _) in plan.skipped_labels.items()} == {"a/b": 2, "a:b": 2}
+        assert plan.skipped_labels["a/b"][1] == "label 'a/b' would share the folder 'a_b' with ['a:b', 'a_b']; rename one"
 
 
 def test_unsplit_and_unhashed_collections_say_what_to_run(tmp_path):

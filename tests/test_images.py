@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +116,59 @@ def test_decoding_leaves_no_file_open(bad_corpus: Path) -> None:
         except ImageError as error:
             kept.append(error)
     assert len(list(Path("/proc/self/fd").iterdir())) == before
+
+
+# ---------------------------------------------------------------- the pixel budget
+
+def _jpeg(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(out, "JPEG")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("budget, size", [(120_000, (400, 300)), (40_000, (200, 150)), (10_000, (100, 75)),
+                                          (1_900, (50, 38))])
+def test_a_jpeg_over_the_budget_decodes_at_a_scale_that_fits(budget: int, size: tuple[int, int]) -> None:
+    image = open_image(_jpeg(400, 300), max_pixels=budget)
+    assert image.size == size and image.mode == "RGB"
+    assert image.getpixel((size[0] // 2, size[1] // 2))[0] > 150  # still the red picture
+    # The caller's draft and the budget together: the smaller decode wins.
+    assert open_image(_jpeg(400, 300), draft=(300, 200), max_pixels=10_000).size == (100, 75)
+
+
+def test_anything_over_the_budget_that_cannot_shrink_is_refused() -> None:
+    with pytest.raises(ImageError, match=r"too many pixels: 400x300 is 0.1 megapixels, over the limit of 0.0018"):
+        open_image(_jpeg(400, 300), max_pixels=1_800)  # even 1/8 scale (50x38) is over
+    png = io.BytesIO()
+    Image.new("RGB", (400, 300)).save(png, "PNG")
+    assert open_image(png.getvalue(), max_pixels=120_000).size == (400, 300)
+    with pytest.raises(ImageError, match="too many pixels: 400x300"):
+        open_image(png.getvalue(), max_pixels=119_999)
+
+
+_HUGE_PNG_DECODER = """
+import resource, sys
+sys.path.insert(0, sys.argv[1])
+from support.pixels import blank_rgb_png
+from lookalike.images import ImageError, QUERY_MAX_PIXELS, open_image, thumbnail_jpeg
+data = blank_rgb_png(9000, 9000)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for decode in (lambda: open_image(data, max_pixels=QUERY_MAX_PIXELS), lambda: thumbnail_jpeg(data, 256, 85)):
+    try:
+        decode()
+        print("decoded")
+    except ImageError as exc:
+        print(exc.reason)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_huge_png_is_refused_before_its_pixels_are_allocated() -> None:
+    # 81 megapixels in a 236 KB file: a full decode peaks at about 640 MB (measured).
+    tests = Path(__file__).parent
+    result = subprocess.run([sys.executable, "-c", _HUGE_PNG_DECODER, str(tests)], capture_output=True,
+                            text=True, timeout=100, check=True)
+    *reasons, grown_mb = result.stdout.split("\n")[:-1]
+    assert reasons == ["too many pixels: 9000x9000 is 81.0 megapixels, over the limit of 40"] * 2
+    assert int(grown_mb) < 50  # MB of peak memory the two refusals added

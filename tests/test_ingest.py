@@ -99,14 +99,26 @@ def test_csv_manifest_with_header_label_column_and_metadata(db, tmp_path):
     ]
 
 
-def test_bad_manifests_are_refused_before_anything_is_written(db, tmp_path):
+def test_manifests_with_no_entry_are_refused_before_anything_is_written(db, tmp_path):
     bad = tmp_path / "bad.tsv"
-    bad.write_text("dotted\ta.jpg\nstriped\n")
-    with pytest.raises(LoadError, match="line 2"):
+    bad.write_text("dotted\nstriped\n\nsecret-looking text\n")
+    with pytest.raises(LoadError, match=r"no line is an entry \(line 1: expected 'label<TAB>url-or-path'") as info:
         load_images(db, bad)
+    assert "secret" not in str(info.value)  # never the line's text
     with pytest.raises(LoadError, match="no such folder"):
         load_images(db, tmp_path / "missing")
     assert rows(db, image_sources, "id") == []
+
+
+def test_a_bad_manifest_line_fails_alone_with_its_line_number(db, tmp_path):
+    make_tree(tmp_path / "tree")
+    manifest = tmp_path / "m.tsv"
+    manifest.write_text("dotted\ttree/dotted/a.jpg\n\nstriped\n" "striped\ttree/striped/c.jpg\n")
+    summary = load_images(db, manifest)
+    assert summary.loaded == 2 and summary.failed_total == 1
+    assert rows(db, image_sources, "source", "status", "reason", where=image_sources.c.status == "failed") == [
+        (f"{manifest}:3", "failed", "line 3: manifest line is not an entry: "
+                                    "expected 'label<TAB>url-or-path', got 1 field(s)")]
 
 
 def test_url_downloads_good_and_bad(db, tmp_path, http_server):
@@ -130,13 +142,15 @@ def test_url_downloads_good_and_bad(db, tmp_path, http_server):
     ok = {label for label, (status, _) in by_label.items() if status == "ok"}
     assert ok == {"ok-jpg", "ok-png", "flaky", "redirected", "html"}
     assert http_server.hits["/flaky500/c.jpg"] == 2  # retried after the 500
-    reasons = {label: reason for label, (_, reason) in by_label.items()}
+    # Each failure names its manifest line, then the reason.
+    assert [by_label[label][1].split(": ", 1)[0] for label in ("missing", "ftp")] == ["line 6", "line 13"]
+    reasons = {label: reason and reason.split(": ", 1)[1] for label, (_, reason) in by_label.items()}
     assert reasons["missing"] == "HTTP 404"
     assert "too many redirects" in reasons["loop"]
     assert reasons["endless"].startswith("too large") and reasons["huge-nolength"].startswith("too large")
     assert "declared" in reasons["huge"]  # refused from Content-Length, before downloading
-    assert reasons["trickle"].startswith("too slow")
-    assert reasons["hang"].startswith("timed out")
+    assert reasons["trickle"] == "too slow: not finished in 3 s"
+    assert reasons["hang"] in ("timed out (after 2 attempts)", "too slow: not finished in 3 s")
     assert reasons["ftp"].startswith("unsupported URL scheme")
     assert reasons["refused"].startswith("unreachable")
     # A lying server's HTML page is fetched but is not an image.

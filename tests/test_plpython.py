@@ -259,8 +259,8 @@ def test_bad_parameters_are_refused_and_change_nothing(steps_db, pg_cluster):
     before = rows(steps_db.url, snapshot_sql)
     refused = {
         "CALL lookalike.prepare_data(1.5)": "22023: lookalike.prepare_data: test_ratio must be between 0 and 1",
-        "CALL lookalike.prepare_data(0.25, 0)": "22023: lookalike.prepare_data: queries_per_label and "
-                                                "negatives_per_query must be at least 1",
+        "CALL lookalike.prepare_data(0.25, 0)": "22023: lookalike.prepare_data: queries_per_label must be "
+                                                "between 1 and 10000, not 0",
         "CALL lookalike.dedupe('fuzzy')": "22023: lookalike.dedupe: unknown dedupe rule 'fuzzy'",
         "CALL lookalike.rank_candidates(0)": "22023: lookalike.rank_candidates: top_k must be between 1 and 1000",
         "CALL lookalike.load_images(NULL)": "22023: lookalike.load_images: source must not be NULL",
@@ -426,10 +426,17 @@ def test_uninstall_keeps_a_package_folder_another_database_uses(steps_db, pg_clu
     name = "plpython_second"
     url = pg_cluster.create_database(name)
     install(url, workspace / "python", store_dir=workspace / "store_steps")
+    # The settings rows are anyone's to edit (the README's grants): uninstall goes by the routine bodies.
+    decoy = workspace / "decoy"
+    decoy.mkdir()
+    (decoy / TARGET_MARKER).write_text("{}")
+    for database in (url, steps_db.url):
+        with Database(database) as db:
+            db.set_setting("plpython_path", str(decoy))
     summary = uninstall(url)
     assert summary.routines == 11 and summary.removed_target is None and not summary.dropped_schema
     assert any("plpython_steps" in warning for warning in summary.warnings)
-    assert (workspace / "python" / TARGET_MARKER).is_file()
+    assert (workspace / "python" / TARGET_MARKER).is_file() and (decoy / TARGET_MARKER).is_file()
     assert pg_cluster.psql("SELECT count(*) FROM pg_proc WHERE pronamespace = 'lookalike'::regnamespace "
                            "AND proname <> 'hamming'", db=name).split() == ["0"]
     assert rows(url, "SELECT count(*) FROM settings WHERE key = 'plpython_path'") == [(0,)]

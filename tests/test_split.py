@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 
 import pytest
 import sqlalchemy as sa
 
 from lookalike.db import Database, dedupe_runs, duplicate_groups, images, now, runs, splits
 from lookalike.split import count_test_images, split_images, split_number, unique_image_ids
+from lookalike.status import collection_status
 
 
 def add_images(db: Database, per_label: dict[str | None, int], *, status: str = "ok", reverse: bool = False
@@ -127,6 +130,59 @@ def test_duplicates_of_the_latest_dedupe_run_are_left_out(db):
     with db.engine.connect() as conn:
         in_split = set(conn.execute(sa.select(splits.c.image_id)).scalars())
     assert in_split == set(ids) - set(ids[11:13])
+
+
+def test_split_and_status_say_what_each_label_lost_to_dedupe(db):
+    ids = add_images(db, {"dotted": 6, "striped": 5, "leopard": 2, None: 3})
+    by_label: dict[str | None, list[int]] = {}
+    for sha, image_id in ids.items():
+        by_label.setdefault(labels_by_sha(db)[sha], []).append(image_id)
+    add_dedupe_run(db, non_keepers=by_label["dotted"][1:], keeper=by_label["dotted"][0])  # superseded below
+    # The latest run: dotted loses 2; every leopard and one unlabelled image are copies of a striped keeper.
+    add_dedupe_run(db, non_keepers=by_label["dotted"][1:3] + by_label["leopard"] + by_label[None][:1],
+                   keeper=by_label["striped"][0])
+    summary = split_images(db, test_ratio=0.25)
+
+    assert summary.duplicates_by_label == (("", 1), ("dotted", 2), ("leopard", 2))
+    assert summary.duplicates == 5
+    assert summary.per_label == (("dotted", 3, 1), ("striped", 4, 1))
+    lines = summary.lines()
+    assert lines[0].endswith("7 train, 2 test, 2 labels, 5 duplicates left out")
+    table = [line.split() for line in lines[1:7]]
+    assert table == [["label", "train", "test", "duplicates", "left", "out"],
+                     ["dotted", "3", "1", "2"], ["leopard", "0", "0", "2"], ["striped", "4", "1", "0"],
+                     ["(no", "label)", "0", "0", "1"], ["total", "7", "2", "5"]]
+    with db.engine.connect() as conn:
+        counts = json.loads(conn.execute(sa.select(runs.c.counts).where(runs.c.step == "split")).scalar_one())
+        latest = conn.execute(sa.select(sa.func.max(dedupe_runs.c.id))).scalar_one()
+    assert counts["duplicates"] == 5 and counts["duplicates_by_label"] == {"": 1, "dotted": 2, "leopard": 2}
+
+    status = collection_status(db)
+    assert status.duplicates == {"": 1, "dotted": 2, "leopard": 2} and status.dedupe_run == latest
+    rows = {line.split()[0]: line.split()[1:] for line in status.lines() if line.split()
+            and line.split()[0] in ("label", "(none)", "dotted", "leopard", "striped", "total")}
+    assert rows == {"label": ["ok", "failed", "unique", "duplicates"], "(none)": ["3", "0", "2", "1"],
+                    "dotted": ["6", "0", "4", "2"], "leopard": ["2", "0", "0", "2"],
+                    "striped": ["5", "0", "5", "0"], "total": ["16", "0", "11", "5"]}
+    assert f"duplicates: left out by dedupe run {latest}, the latest" in status.lines()
+
+    # What a user types shows the same table.
+    done = subprocess.run([sys.executable, "-m", "lookalike.cli", "--db",
+                           db.url.render_as_string(hide_password=False), "status"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "dotted                      6        0        4           2" in done.stdout.splitlines()
+
+
+def test_status_before_any_dedupe_counts_every_ok_image_unique(db):
+    add_images(db, {"dotted": 3})
+    add_images(db, {"dotted": 1}, status="failed")
+    status = collection_status(db)
+    assert status.duplicates == {} and status.dedupe_run is None
+    lines = status.lines()
+    assert "dotted                      3        1        3           0" in lines
+    assert "duplicates: none (no dedupe run yet)" in lines
+    assert split_images(db).lines()[0].endswith("2 train, 1 test, 1 labels, 0 duplicates left out")
 
 
 def test_small_labels_keep_a_train_image_and_bad_ratios_are_refused(db):

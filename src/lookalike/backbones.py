@@ -28,9 +28,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from .config import DEFAULT_BACKBONE
 from .images import ImageError, Source, open_image
 
-DEFAULT_BACKBONE = "efficientnet-lite0"
 
 K = TypeVar("K")
 

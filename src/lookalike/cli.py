@@ -8,8 +8,11 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from sqlalchemy.exc import DBAPIError
+
 from .config import ConfigError, mask_secrets
 from .images import ImageError
+from .store import DEFAULT_GRACE_S, StoreError
 
 log = logging.getLogger("lookalike")
 
@@ -37,12 +40,20 @@ def cmd_samples(args) -> int:
 
 
 def cmd_load(args) -> int:
+    from .db import committed_since, describe_db_error, now
     from .ingest import FetchLimits, load_images
     limits = FetchLimits(max_bytes=args.max_bytes, timeout=args.timeout, deadline=args.deadline,
                          retries=args.retries)
     with _open_db(args) as db:
-        summary = load_images(db, args.source, label_column=args.label_column, concurrency=args.concurrency,
-                              limits=limits, progress=_progress(args))
+        started = now()
+        try:
+            summary = load_images(db, args.source, label_column=args.label_column, concurrency=args.concurrency,
+                                  limits=limits, progress=_progress(args))
+        except (StoreError, DBAPIError) as exc:   # disk full, read-only: say what the load kept
+            reason = str(exc) if isinstance(exc, StoreError) else describe_db_error(exc)
+            print(f"error: {mask_secrets(reason)}; kept {committed_since(db, started)}; "
+                  "fix that and run the same command to finish", file=sys.stderr)
+            return 2
     print("\n".join(summary.lines()))
     return 130 if summary.interrupted else 0
 
@@ -67,7 +78,8 @@ def cmd_dedupe(args) -> int:
     with _open_db(args) as db:
         summary = dedupe_images(db, rule=args.rule, hash_kind=args.hash, size=args.size,
                                 max_distance=args.max_distance, per_label=args.per_label,
-                                include_low_detail=args.include_low_detail)
+                                include_low_detail=args.include_low_detail, backbone=args.dedupe_backbone,
+                                progress=_progress(args))
         print("\n".join(summary.lines()))
         if args.html:
             _duplicates_html(db, args.html)
@@ -110,27 +122,23 @@ def cmd_uniques(args) -> int:
 
 
 def cmd_is_duplicate(args) -> int:
-    from .dedupe import default_max_distance, hash_bits, is_duplicate
+    from .dedupe import is_duplicate
     from .ingest import FetchLimits
     from .search import query_bytes
     data = query_bytes(args.image, FetchLimits())
-    radius = default_max_distance(args.hash, args.size) if args.max_distance is None else args.max_distance
     with _open_db(args) as db:
-        # Nearest stored hashes whatever their distance; the radius decides the verdict.
-        nearest = is_duplicate(db, data, hash_kind=args.hash, size=args.size,
-                               max_distance=hash_bits(args.hash, args.size), limit=args.top,
-                               include_low_detail=args.include_low_detail)
-    within = [m for m in nearest if m.distance <= radius]
-    print(f"{'image':>7}  {'label':<12} {'distance':>8}")
-    for m in nearest:
-        verdict = "  within radius" if m.distance <= radius else ""
-        print(f"{m.image_id:>7}  {m.label or '':<12} {m.distance:>8}{verdict}")
-    if within:
-        print(f"duplicate: {len(within)} stored image(s) within {radius} bits ({args.hash} size {args.size})")
-        return 0
-    print(f"not a duplicate: no stored image within {radius} bits ({args.hash} size {args.size})"
-          + ("" if nearest else "; nothing to compare with (flat image, or run `lookalike hash` first)"))
-    return 1
+        matches = is_duplicate(db, data, rule=args.rule, hash_kind=args.hash, size=args.size,
+                               max_distance=args.max_distance, limit=args.top,
+                               include_low_detail=args.include_low_detail, backbone=args.dedupe_backbone)
+    if not matches:
+        print(f"not a duplicate: no stored image matches by the {args.rule} rule")
+        return 1
+    print(f"{'image':>7}  {'label':<12} {'distance':>8} {'similarity':>10}  {'decided by':<10} source")
+    for m in matches:
+        similarity = "" if m.similarity is None else f"{m.similarity:.3f}"
+        print(f"{m.image_id:>7}  {m.label or '':<12} {m.distance:>8} {similarity:>10}  {m.verified_by:<10} {m.source}")
+    print(f"duplicate: a copy of {len(matches)} stored image(s) by the {args.rule} rule")
+    return 0
 
 
 def cmd_export(args) -> int:
@@ -139,15 +147,23 @@ def cmd_export(args) -> int:
         summary = export_images(db, args.dest, name_by=args.name_by, dry_run=args.dry_run,
                                 concurrency=args.concurrency, progress=_progress(args),
                                 create_container=args.create_container,
-                                connection_string_env=args.connection_string_env)
+                                connection_string_env=args.connection_string_env, force=args.force)
     print("\n".join(summary.lines()))
-    return 130 if getattr(summary, "interrupted", False) else 0
+    return 130 if summary.interrupted else 1 if summary.failed else 0  # 1: some objects failed, re-run
 
 
 def cmd_serve(args) -> int:
     from .web.app import serve
     serve(args.db, args.store, host=args.host, port=args.port, allow_private_urls=args.allow_private_urls)
     return 0
+
+
+def cmd_store_check(args) -> int:
+    from .store import check_store
+    with _open_db(args) as db:
+        check = check_store(db, fix=args.fix, grace=args.grace)
+    print("\n".join(check.lines()))
+    return 0 if check.clean else 1
 
 
 def cmd_db_install(args) -> int:
@@ -250,9 +266,27 @@ def cmd_run(args) -> int:
     with _open_db(args) as db:
         summary = run_pipeline(db, args.source, seed=args.seed, test_ratio=args.test_ratio, top=args.top,
                                plot=args.plot, progress=_progress(args), device=args.device,
-                               backbone=args.backbone)
+                               backbone=args.backbone, dedupe_rule=args.rule, dedupe_hash=args.hash,
+                               dedupe_size=args.size, max_distance=args.max_distance,
+                               dedupe_backbone=args.dedupe_backbone)
     print("\n".join(summary.lines()))
     return 130 if summary.interrupted else 0
+
+
+def _dedupe_arguments(p: argparse.ArgumentParser, rules: tuple[str, ...] | None = None) -> None:
+    """The dedupe rule's options, shared by dedupe, is-duplicate and run; defaults are the step's own."""
+    from .dedupe import DEFAULT_BACKBONE, DEFAULT_RULE, RULES, VERIFIED_MAX_DISTANCE
+    from .hashing import KINDS
+    p.add_argument("--rule", choices=rules or RULES, default=DEFAULT_RULE,
+                   help=f"verified: hash and embedding candidates, each checked (default); exact: equal hashes, "
+                        f"in SQL; near: within --max-distance bits (default: {DEFAULT_RULE})")
+    p.add_argument("--hash", choices=KINDS, help="hash kind (default: dhash_rowcol; size 3 for exact, 8 otherwise)")
+    p.add_argument("--size", type=int, help="hash size")
+    p.add_argument("--max-distance", type=int,
+                   help=f"near rule: radius in bits (default: 10 of 128); verified rule: candidate radius "
+                        f"(default: {VERIFIED_MAX_DISTANCE})")
+    p.add_argument("--dedupe-backbone", default=DEFAULT_BACKBONE,
+                   help=f"verified rule: whose embeddings to compare (default: {DEFAULT_BACKBONE})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -283,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--max-bytes", type=int, default=50 * 1024 * 1024, help="size cap per image")
     p.add_argument("--timeout", type=float, default=10.0, help="connect/read timeout, seconds")
-    p.add_argument("--deadline", type=float, default=120.0, help="whole-download limit, seconds")
+    p.add_argument("--deadline", type=float, default=120.0,
+                   help="limit per URL, seconds: connect, headers, redirects, body and retries together")
     p.add_argument("--retries", type=int, default=3, help="retries on timeouts and 5xx")
     p.set_defaults(func=cmd_load)
 
@@ -297,15 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode JPEGs at reduced scale: faster, hashes differ from the reference packages")
     p.set_defaults(func=cmd_hash)
 
-    p = sub.add_parser("dedupe", parents=[common], help="group duplicate images by their hashes (never deletes)")
-    p.add_argument("--rule", choices=["exact", "near"], default="near",
-                   help="exact: equal hashes, in SQL; near: within --max-distance bits (default)")
-    p.add_argument("--hash", choices=["dhash_rowcol", "ahash", "dhash", "phash", "whash"],
-                   help="hash kind (default: dhash_rowcol; size 3 for exact, 8 for near)")
-    p.add_argument("--size", type=int, help="hash size")
-    p.add_argument("--max-distance", type=int, help="near rule radius in bits (default: 10 for 64-bit hashes)")
+    p = sub.add_parser("dedupe", parents=[common], help="group duplicate images (never deletes)")
+    _dedupe_arguments(p)
     p.add_argument("--per-label", action="store_true", help="group only images with the same label")
-    p.add_argument("--include-low-detail", action="store_true", help="let flat images join groups")
+    p.add_argument("--include-low-detail", action="store_true",
+                   help="exact and near rules: let flat images join groups (the verified rule always checks them)")
     p.add_argument("--html", type=Path, help="also write an HTML report of the groups")
     p.set_defaults(func=cmd_dedupe)
 
@@ -319,13 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-low-detail", action="store_true")
     p.set_defaults(func=cmd_uniques)
 
-    p = sub.add_parser("is-duplicate", parents=[common], help="is a new image a near-copy of a stored one?")
+    p = sub.add_parser("is-duplicate", parents=[common], help="is a new image a copy of a stored one?")
     p.add_argument("image", help="a path or URL")
-    p.add_argument("--hash", default="dhash_rowcol", choices=["dhash_rowcol", "ahash", "dhash", "phash", "whash"])
-    p.add_argument("--size", type=int, default=8)
-    p.add_argument("--max-distance", type=int, help="radius in bits (default as the near rule)")
-    p.add_argument("--top", type=int, default=10)
-    p.add_argument("--include-low-detail", action="store_true")
+    _dedupe_arguments(p, rules=("verified", "near"))
+    p.add_argument("--top", type=int, default=10, help="most matches to list (default: 10)")
+    p.add_argument("--include-low-detail", action="store_true", help="near rule: match flat images too")
     p.set_defaults(func=cmd_is_duplicate)
 
     p = sub.add_parser("featurize", parents=[common], help="CNN embeddings for images that have none")
@@ -386,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default="efficientnet-lite0",
                    help="efficientnet-lite0 (whole image) or efficientnet-lite0-texture (centre, no colour)")
     p.add_argument("--plot", type=Path, help="save the evaluation plot")
+    _dedupe_arguments(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("export", parents=[common],
@@ -395,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list what would be written, write nothing")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--create-container", action="store_true", help="create the blob container if missing")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite a manifest.csv or transferimages.txt that lookalike did not write")
     p.add_argument("--connection-string-env", default="AZURE_STORAGE_CONNECTION_STRING",
                    help="environment variable holding the storage connection string")
     p.set_defaults(func=cmd_export)
@@ -405,6 +437,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-private-urls", action="store_true",
                    help="let URL queries fetch from loopback and private networks")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("store", parents=[common], help="check the image store against the database")
+    ssub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    s = ssub.add_parser("check", parents=[common], help="report orphan, missing, damaged and temporary files")
+    s.add_argument("--fix", action="store_true", help="delete orphans and temporary files older than --grace, "
+                                                     "mark rows whose bytes are missing or damaged failed")
+    s.add_argument("--grace", type=float, default=DEFAULT_GRACE_S,
+                   help="seconds: younger leftovers may belong to a running load and are kept "
+                        f"(default {DEFAULT_GRACE_S:g})")
+    s.set_defaults(func=cmd_store_check)
 
     p = sub.add_parser("db", parents=[common], help="PostgreSQL: install or remove the PL/Python procedures")
     dsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -429,8 +471,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ConfigError, ValueError, LookupError, FileNotFoundError, ImageError) as exc:
+    except (ConfigError, ValueError, LookupError, FileNotFoundError, ImageError, StoreError) as exc:
         print(f"error: {mask_secrets(str(exc))}", file=sys.stderr)
+        return 2
+    except DBAPIError as exc:
+        from .db import describe_db_error
+        print(f"error: {mask_secrets(describe_db_error(exc))}", file=sys.stderr)
         return 2
 
 

@@ -12,6 +12,7 @@ from sqlalchemy.exc import ArgumentError
 DEFAULT_DB = "sqlite:///lookalike.db"
 DB_ENV = "LOOKALIKE_DB"
 STORE_ENV = "LOOKALIKE_STORE"
+DEFAULT_BACKBONE = "efficientnet-lite0"   # the CNN that featurize, search and the verified dedupe use
 
 
 class ConfigError(ValueError):

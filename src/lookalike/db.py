@@ -10,6 +10,7 @@ additions a file has, and :func:`_migrate` brings an older file forward.
 from __future__ import annotations
 
 import json
+import os
 import re
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -24,7 +25,7 @@ from sqlalchemy.engine import Connection, Engine
 from .config import ConfigError, default_store_dir, mask_url, parse_db_url, resolve_db_url, resolve_store_dir
 from .store import ImageStore
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 PG_SCHEMA = "lookalike"
 
 metadata = sa.MetaData()
@@ -97,7 +98,7 @@ hashed_images = sa.Table(
 dedupe_runs = sa.Table(
     "dedupe_runs", metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("rule", sa.String(8), nullable=False),      # exact | near
+    sa.Column("rule", sa.String(8), nullable=False),      # exact | near | verified
     sa.Column("hash_kind", sa.String(16), nullable=False),
     sa.Column("hash_size", sa.Integer, nullable=False),
     sa.Column("max_distance", sa.Integer),
@@ -106,6 +107,7 @@ dedupe_runs = sa.Table(
     sa.Column("groups", sa.Integer, nullable=False),
     sa.Column("duplicates", sa.Integer, nullable=False),  # images that are not keepers
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("params", sa.Text),                         # JSON: the verified rule's thresholds and counts
 )
 duplicate_groups = sa.Table(
     "duplicate_groups", metadata,
@@ -114,6 +116,8 @@ duplicate_groups = sa.Table(
     sa.Column("group_id", sa.Integer, nullable=False),
     sa.Column("is_keeper", sa.Boolean, nullable=False),
     sa.Column("distance", sa.Integer, nullable=False),    # Hamming distance to the keeper
+    sa.Column("score", sa.Float),                         # verified rule: the similarity that decided
+    sa.Column("verified_by", sa.String(16)),              # verified rule: embedding | geometry (keeper: NULL)
 )
 sa.Index("duplicate_groups_group", duplicate_groups.c.run_id, duplicate_groups.c.group_id)
 
@@ -255,10 +259,11 @@ class Database:
         self.engine = _make_engine(self.url)
         try:
             self._ensure_schema()
-        except sa.exc.OperationalError as exc:
+            store_path = self._store_dir(resolve_store_dir(str(store_dir) if store_dir else None))
+        except sa.exc.DBAPIError as exc:
             self.engine.dispose()
-            raise ConfigError(f"cannot open database {self.masked_url}: {_first_line(exc)}") from None
-        self.store = ImageStore(self._store_dir(resolve_store_dir(str(store_dir) if store_dir else None)))
+            raise ConfigError(f"cannot open database {self.masked_url}: {describe_db_error(exc)}") from None
+        self.store = ImageStore(store_path)
 
     @property
     def masked_url(self) -> str:
@@ -340,7 +345,11 @@ def _read_version(conn: Connection) -> int | None:
 
 def _migrate(conn: Connection, found: int | None) -> None:
     """Column changes between versions go here, keyed by the version they lead to."""
-    migrations: dict[int, list[str]] = {}
+    migrations: dict[int, list[str]] = {
+        2: ["ALTER TABLE dedupe_runs ADD COLUMN params TEXT",
+            "ALTER TABLE duplicate_groups ADD COLUMN score FLOAT",
+            "ALTER TABLE duplicate_groups ADD COLUMN verified_by VARCHAR(16)"],
+    }
     for version in range((found or SCHEMA_VERSION) + 1, SCHEMA_VERSION + 1):
         for statement in migrations.get(version, []):
             conn.execute(sa.text(statement))
@@ -350,10 +359,62 @@ def _first_line(exc: Exception) -> str:
     return str(getattr(exc, "orig", exc)).strip().splitlines()[0]
 
 
+# sqlite3 error names (by prefix) -> what they mean to the user
+_SQLITE_ERRORS = {
+    "SQLITE_NOTADB": "the file is not a SQLite database",
+    "SQLITE_CORRUPT": "the database file is damaged",
+    "SQLITE_READONLY": "the database is read-only",
+    "SQLITE_FULL": "the disk is full",
+    "SQLITE_CANTOPEN": "cannot open the database file",
+    "SQLITE_IOERR": "the disk failed a read or write",
+}
+
+
+def describe_db_error(exc: Exception) -> str:
+    """One line for a database error: its cause, then the driver's first line."""
+    name = getattr(getattr(exc, "orig", exc), "sqlite_errorname", None) or ""
+    meaning = next((text for prefix, text in _SQLITE_ERRORS.items() if name.startswith(prefix)), None)
+    return f"{meaning}: {_first_line(exc)}" if meaning else _first_line(exc)
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _check_sqlite_file(path: Path) -> None:
+    """Refuse, before SQLite touches anything, a file that is not a database, is cut short,
+    or cannot be written (SQLite would otherwise leave -wal/-shm files or fail half-way)."""
+    where = f"cannot open database {path}"
+    if path.exists():
+        if not path.is_file():
+            raise ConfigError(f"{where}: not a regular file")
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(100)
+        if head and not head.startswith(SQLITE_HEADER):
+            raise ConfigError(f"{where}: the file is not a SQLite database")
+        if head and len(head) < 100:
+            raise ConfigError(f"{where}: the database file is damaged: cut short at {size} bytes")
+        wal = path.with_name(path.name + "-wal")
+        if head and not (wal.exists() and wal.stat().st_size):   # while a WAL is pending the header may lead
+            page_size = int.from_bytes(head[16:18], "big")
+            expected = int.from_bytes(head[28:32], "big") * (65536 if page_size == 1 else page_size)
+            if head[24:28] == head[92:96] and size < expected:  # the page count is valid (SQLite >= 3.7)
+                raise ConfigError(f"{where}: the database file is damaged: {size} bytes, "
+                                  f"its header says {expected}")
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise ConfigError(f"{where}: the database file is read-only (lookalike records every run in it)")
+    folder = next((p for p in path.parents if p.exists()), None)
+    if folder is not None and not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{where}: the folder {folder} is read-only "
+                          "(SQLite keeps its -wal and -shm files beside the database)")
+
+
 def _make_engine(url) -> Engine:
     if url.get_backend_name() == "sqlite":
         if url.database not in (None, "", ":memory:"):
-            Path(url.database).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+            path = Path(url.database).expanduser().resolve()
+            _check_sqlite_file(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
         engine = sa.create_engine(url, connect_args={"timeout": 60})
 
         @event.listens_for(engine, "connect")
@@ -366,7 +427,9 @@ def _make_engine(url) -> Engine:
             from .dedupe import register_sqlite_functions
             register_sqlite_functions(dbapi_conn)
         return engine
-    return sa.create_engine(url, connect_args={"options": f"-c search_path={PG_SCHEMA},public"},
+    # client_encoding: on an SQL_ASCII (C-locale) database psycopg would otherwise hand back bytes, not text.
+    return sa.create_engine(url, connect_args={"options": f"-c search_path={PG_SCHEMA},public",
+                                               "client_encoding": "utf8"},
                             pool_pre_ping=True)
 
 
@@ -379,6 +442,14 @@ def vector_bytes(vector) -> bytes:
 def vector_from_bytes(data: bytes):
     import numpy as np
     return np.frombuffer(data, dtype="<f4")
+
+
+def committed_since(db: Database, since: datetime) -> str:
+    """What a load committed from ``since`` on, for an error that stops it half-way."""
+    with db.engine.connect() as conn:
+        new = conn.execute(sa.select(sa.func.count()).where(images.c.loaded_at >= since)).scalar()
+        sources = conn.execute(sa.select(sa.func.count()).where(image_sources.c.loaded_at >= since)).scalar()
+    return f"{new} new images and {sources} sources committed by this load before it stopped"
 
 
 @contextmanager

@@ -1,55 +1,87 @@
-"""Dedupe step: group images whose perceptual hashes match, and pick one keeper per group.
+"""Dedupe step: group images that are copies of one another, and pick one keeper per group.
 
-Two rules, one keeper order:
+Three rules, one keeper order:
 
+- ``verified`` (the default): two stages. Candidates come cheaply and
+  generously: pairs within a wide Hamming radius of the 128-bit row+column
+  dHash (multi-index hashing, exact), and each image's nearest neighbours in
+  CNN-embedding space (which sees mirrored, cropped and rotated copies that
+  hashes miss, and flat images whose hashes collide). Every candidate pair is
+  then verified: a pair whose embeddings are very close is a copy, one whose
+  embeddings are far apart is not, and the unsure band between is decided by
+  local-feature geometry (:mod:`lookalike.verify`: ORB keypoints, RANSAC,
+  frame overlap, aligned pixels and colour). Thresholds are in
+  :class:`VerifiedThresholds` and are stored with each run.
 - ``exact`` (the classic dHash lab rule): images with equal hash hex are one
   group. It runs entirely in the database, as one ``INSERT … SELECT`` over
   ``ROW_NUMBER() OVER (PARTITION BY hex ORDER BY …)``, on SQLite and PostgreSQL.
-- ``near``: images whose hashes are within ``max_distance`` bits (Hamming) are
-  linked, every pair found exactly, and the links are closed transitively
-  (connected components), so a chain a–b–c is one group even when a and c are
-  further apart.
+- ``near``: images whose hashes are within ``max_distance`` bits (Hamming),
+  every pair found exactly, grouped as the verified rule groups.
 
-The keeper of a group is the widest image, then the tallest, then the largest
-file, then a lossless format, then the lowest id (:func:`keeper_key`); every
-other member is a duplicate. ``distance`` is each member's Hamming distance to
-its keeper. Low-detail (flat) images have arbitrary, often all-zero hashes that
-collide, so they are kept out of groups unless asked for.
+Groups never chain: images are taken in keeper order (widest, then tallest,
+then largest file, then a lossless format, then the lowest id:
+:func:`keeper_key`), and each image not yet in a group becomes a keeper and
+takes the images that match *it*, not images that match one of its members.
+``distance`` is each member's Hamming distance to its keeper; the verified
+rule also stores the score that decided and whether the embedding or the
+geometry decided it. The exact and near rules leave low-detail (flat) images
+out, because their hashes collide; the verified rule checks them like any other.
 
 Nothing is deleted. Each run writes a ``dedupe_runs`` row and its
 ``duplicate_groups``; the latest run is the current one, and re-running the
-latest run's parameters replaces that run's groups in place. The
-``unique_images`` view (ok images that are not duplicates in the latest run) is
-what later steps read; :func:`ensure_views` creates it, the ``image_dhash``
-view, and on PostgreSQL the ``hamming(text, text)`` SQL function, whenever a
-``Database`` is opened (on SQLite the function is registered per connection by
-:func:`register_sqlite_functions`).
+latest run's parameters replaces that run's groups in place. A run that fails
+(no hashes, no images, no embeddings) writes nothing, so it never becomes the
+latest. The ``unique_images`` view (ok images that are not duplicates in the
+latest run) is what later steps read; :func:`ensure_views` creates it, the
+``image_dhash`` view, and on PostgreSQL the ``hamming(text, text)`` SQL
+function, whenever a ``Database`` is opened (on SQLite the function is
+registered per connection by :func:`register_sqlite_functions`).
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
+import sys
+import threading
+from collections import Counter, OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
+from tqdm import tqdm
 
+from .config import DEFAULT_BACKBONE
 from .db import (PG_SCHEMA, Database, dedupe_runs, duplicate_groups, hashed_images, image_hashes, images, now,
-                 recorded_run)
+                 recorded_run, to_json)
 from .hashing import KINDS, compute_hashes, is_low_detail
-from .images import LOSSLESS_FORMATS, open_image
-from .neardup import connected_groups, pairs_within
+from .images import LOSSLESS_FORMATS, ImageError, open_image
+from .neardup import pairs_within
 
-RULES = ("exact", "near")
+RULES = ("verified", "exact", "near")
+DEFAULT_RULE = "verified"
 # Defaults per rule. The exact rule is the lab's dHash at size 3. The near rule
-# uses the same dhash row+col hash at size 8 (128 bits) within 10 bits: on the
-# sample set's planted copies (bench/bench_dedupe_quality.py) it had the best
-# F1 of every hash and radius tried, with precision 0.83-0.95 where pHash and
-# imagehash's dHash reached 0.74-0.89 at their best radius (4 of 64 bits).
+# uses the dhash row+col hash at size 8 (128 bits) within 10 bits: of the
+# hash-only rules it had the best F1 on the sample set's planted copies
+# (bench/bench_dedupe_quality.py). The verified rule takes the same hash at a
+# wider radius, for candidates only.
 EXACT_DEFAULT_HASH = ("dhash_rowcol", 3)
 NEAR_DEFAULT_HASH = ("dhash_rowcol", 8)
 DEFAULT_MAX_DISTANCE = 10   # bits, for NEAR_DEFAULT_HASH; other hashes get the same share of their bits
+VERIFIED_MAX_DISTANCE = 24  # bits of NEAR_DEFAULT_HASH within which a pair is a verified-rule candidate
+DHASH_ROWCOL_SIZES = range(1, 9)
+
+
+@dataclass(frozen=True)
+class VerifiedThresholds:
+    """The verified rule's decisions; calibrated on the real-photograph dev set (bench/bench_dedupe_quality.py)."""
+
+    neighbours: int = 10              # nearest embeddings per image taken as candidates
+    reject_below: float = 0.60        # cosine similarity under which a candidate is not a copy
+    accept_from: float = 0.95         # cosine similarity from which a candidate is a copy without geometry
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 def hash_bits(kind: str, size: int) -> int:
@@ -163,21 +195,33 @@ class DedupeSummary:
     max_distance: int | None
     per_label: bool
     include_low_detail: bool
-    images: int = 0              # images considered (ok, hashed, and not left out as low-detail)
+    images: int = 0              # images considered
     groups: int = 0
     duplicates: int = 0          # group members that are not keepers
     low_detail_left_out: int = 0
     not_hashed: int = 0          # ok images without this hash yet
+    not_embedded: int = 0        # verified rule: hashed images without an embedding yet
     replaced: bool = False       # the latest run had these parameters and was redone in place
     group_sizes: Counter = field(default_factory=Counter)  # members -> groups
+    candidates: int = 0          # verified rule: candidate pairs, and how each was decided
+    decided: Counter = field(default_factory=Counter)      # accepted/rejected by embedding, by geometry
+    unreadable: int = 0          # verified rule: images geometry could not decode
 
     def lines(self) -> list[str]:
-        rule = (f"near rule, within {self.max_distance} bits" if self.rule == "near" else "exact rule")
+        rule = {"near": f"near rule, within {self.max_distance} bits", "exact": "exact rule",
+                "verified": f"verified rule (candidates: {self.hash_kind} size {self.size} within "
+                            f"{self.max_distance} bits, and embedding neighbours)"}[self.rule]
         scope = "within each label" if self.per_label else "across labels"
-        out = [f"dedupe run {self.run_id}{' (redone)' if self.replaced else ''}: {rule}, "
-               f"{self.hash_kind} size {self.size}, {scope}",
+        hashed = "" if self.rule == "verified" else f", {self.hash_kind} size {self.size}"
+        out = [f"dedupe run {self.run_id}{' (redone)' if self.replaced else ''}: {rule}{hashed}, {scope}",
                f"  {self.images} images, {self.groups} groups, {self.duplicates} duplicates marked, "
                f"{self.images - self.duplicates} unique"]
+        if self.rule == "verified":
+            geometry = self.decided["geometry accepted"] + self.decided["geometry rejected"]
+            share = geometry / self.candidates if self.candidates else 0.0
+            out.append(f"  {self.candidates} candidate pairs: {self.decided['embedding accepted']} copies by "
+                       f"embedding, {self.decided['embedding rejected']} rejected by embedding, {geometry} "
+                       f"unsure checked by geometry ({share:.1%}: {self.decided['geometry accepted']} copies)")
         if self.group_sizes:
             out.append("  group sizes: " + ", ".join(f"{n} x {size}" for size, n in sorted(self.group_sizes.items())))
         if self.low_detail_left_out:
@@ -185,70 +229,101 @@ class DedupeSummary:
         if self.not_hashed:
             out.append(f"  not hashed yet: {self.not_hashed} ok images have no {self.hash_kind} size {self.size} "
                        f"hash (run the hash step)")
+        if self.not_embedded:
+            out.append(f"  not embedded yet: {self.not_embedded} images have no embedding (run the featurize step)")
+        if self.unreadable:
+            out.append(f"  {self.unreadable} images could not be read for geometry; their unsure pairs were rejected")
         return out
 
 
-def dedupe_images(db: Database, *, rule: str = "exact", hash_kind: str | None = None, size: int | None = None,
-                  max_distance: int | None = None, per_label: bool = False,
-                  include_low_detail: bool = False) -> DedupeSummary:
-    """Group duplicate images by their stored hashes and record a dedupe run; return its summary.
+def dedupe_images(db: Database, *, rule: str = DEFAULT_RULE, hash_kind: str | None = None, size: int | None = None,
+                  max_distance: int | None = None, per_label: bool = False, include_low_detail: bool = False,
+                  backbone: str = DEFAULT_BACKBONE, thresholds: VerifiedThresholds = VerifiedThresholds(),
+                  progress: bool | None = None) -> DedupeSummary:
+    """Group duplicate images and record a dedupe run; return its summary.
 
     ``hash_kind``/``size`` default per rule (:data:`EXACT_DEFAULT_HASH`,
-    :data:`NEAR_DEFAULT_HASH`); ``max_distance`` is for the near rule only and
-    defaults to :func:`default_max_distance` of the hash (:data:`DEFAULT_MAX_DISTANCE`
-    for the default hash). ``per_label`` groups only images with the same label.
+    :data:`NEAR_DEFAULT_HASH`); ``max_distance`` is the near rule's radius
+    (default :func:`default_max_distance` of the hash) or the verified rule's
+    candidate radius (default :data:`VERIFIED_MAX_DISTANCE`). ``per_label``
+    groups only images with the same label. The verified rule reads the
+    embeddings of ``backbone``. Raises ``ValueError`` for a parameter that
+    cannot work and ``LookupError`` when there is nothing to dedupe yet; either
+    way no run is recorded.
     """
     if rule not in RULES:
-        raise ValueError(f"unknown dedupe rule {rule!r}; use one of {RULES}")
+        raise ValueError(f"unknown dedupe rule {rule!r}; use one of: {', '.join(RULES)}")
     default_kind, default_size = EXACT_DEFAULT_HASH if rule == "exact" else NEAR_DEFAULT_HASH
     hash_kind = hash_kind or default_kind
-    size = (default_size if hash_kind == default_kind else 8) if size is None else int(size)
     if hash_kind not in KINDS:
-        raise ValueError(f"unknown hash kind {hash_kind!r}; use one of {KINDS}")
+        raise ValueError(f"unknown hash kind {hash_kind!r}; use one of: {', '.join(KINDS)}")
+    size = (default_size if hash_kind == default_kind else 8) if size is None else int(size)
+    if hash_kind == "dhash_rowcol" and size not in DHASH_ROWCOL_SIZES:
+        raise ValueError(f"dhash_rowcol hashes have sizes 1 to 8, not {size}")
+    bits = hash_bits(hash_kind, size)
     if rule == "exact":
         if max_distance not in (None, 0):
-            raise ValueError("the exact rule takes no max_distance; use rule='near'")
+            raise ValueError("the exact rule takes no maximum distance; use the near or verified rule")
         max_distance = None
     else:
-        max_distance = default_max_distance(hash_kind, size) if max_distance is None else int(max_distance)
-        if max_distance < 0:
-            raise ValueError("max_distance must be >= 0")
+        default = VERIFIED_MAX_DISTANCE if rule == "verified" else default_max_distance(hash_kind, size)
+        max_distance = default if max_distance is None else int(max_distance)
+        if not 0 <= max_distance < bits:
+            raise ValueError(f"the maximum distance must be between 0 and {bits - 1} bits for {hash_kind} "
+                             f"size {size} ({bits} bits), not {max_distance}")
+    if rule == "verified":
+        include_low_detail = True   # verified, not excluded: their embeddings and geometry still tell
     params = dict(rule=rule, hash_kind=hash_kind, hash_size=size, max_distance=max_distance,
                   per_label=bool(per_label), include_low_detail=bool(include_low_detail))
+    run_params = dict(backbone=backbone, **thresholds.as_dict()) if rule == "verified" else None
+    if progress is None:
+        progress = sys.stderr.isatty()
 
-    with recorded_run(db, "dedupe", params) as counts:
+    with recorded_run(db, "dedupe", dict(params, **(run_params or {}))) as counts:
         with db.begin() as conn:
-            run_id, replaced = _start_run(conn, params)
+            run_id, replaced = _start_run(conn, params, run_params)
             summary = DedupeSummary(run_id, rule, hash_kind, size, max_distance, bool(per_label),
                                     bool(include_low_detail), replaced=replaced)
             _count_inputs(conn, summary)
             if rule == "exact":
                 _group_exact(conn, summary)
-            else:
+            elif rule == "near":
                 _group_near(conn, summary)
+            else:
+                _group_verified(conn, db, summary, backbone, thresholds, progress)
             rows = conn.execute(
                 sa.select(duplicate_groups.c.group_id, sa.func.count())
                 .where(duplicate_groups.c.run_id == run_id).group_by(duplicate_groups.c.group_id)).all()
             summary.groups = len(rows)
             summary.duplicates = sum(n - 1 for _, n in rows)
             summary.group_sizes = Counter(n for _, n in rows)
+            details = dict(run_params, candidates=summary.candidates, decided=dict(summary.decided)) \
+                if rule == "verified" else None
             conn.execute(sa.update(dedupe_runs).where(dedupe_runs.c.id == run_id).values(
-                groups=summary.groups, duplicates=summary.duplicates, created_at=now()))
+                groups=summary.groups, duplicates=summary.duplicates, created_at=now(), params=to_json(details)))
         counts.update(run_id=run_id, images=summary.images, groups=summary.groups,
                       duplicates=summary.duplicates, low_detail_left_out=summary.low_detail_left_out,
-                      not_hashed=summary.not_hashed, replaced=replaced)
+                      not_hashed=summary.not_hashed, not_embedded=summary.not_embedded, replaced=replaced,
+                      candidates=summary.candidates, decided=dict(summary.decided))
     return summary
 
 
-def _start_run(conn: Connection, params: dict) -> tuple[int, bool]:
+def _start_run(conn: Connection, params: dict, run_params: dict | None) -> tuple[int, bool]:
     """Reuse the latest run when it had these parameters (its groups are replaced), else add a run."""
     latest = conn.execute(sa.select(dedupe_runs).order_by(dedupe_runs.c.id.desc()).limit(1)).mappings().first()
-    if latest is not None and all(latest[key] == value for key, value in params.items()):
+    same_thresholds = latest is not None and all(
+        (json_value(latest["params"]) or {}).get(key) == value for key, value in (run_params or {}).items())
+    if latest is not None and all(latest[key] == value for key, value in params.items()) and same_thresholds:
         conn.execute(sa.delete(duplicate_groups).where(duplicate_groups.c.run_id == latest["id"]))
         return latest["id"], True
     run_id = conn.execute(sa.insert(dedupe_runs).values(**params, groups=0, duplicates=0, created_at=now())
                           .returning(dedupe_runs.c.id)).scalar_one()
     return run_id, False
+
+
+def json_value(text: str | None):
+    import json
+    return json.loads(text) if text else None
 
 
 def _is_low_detail() -> sa.ColumnElement[bool]:
@@ -270,13 +345,24 @@ def _candidates_where(summary: DedupeSummary) -> list[sa.ColumnElement[bool]]:
 
 
 def _count_inputs(conn: Connection, summary: DedupeSummary) -> None:
+    """Count what the run will see, and refuse a run that could only be empty or wrong."""
+    ok = conn.execute(sa.select(sa.func.count()).select_from(images).where(images.c.status == "ok")).scalar_one()
+    if ok == 0:
+        raise LookupError("nothing to dedupe: the database has no loaded images (run `lookalike load` first)")
     hashed = _hashed(summary.hash_kind, summary.size)
     flat, total = conn.execute(
         sa.select(sa.func.count().filter(_is_low_detail()), sa.func.count())
         .select_from(hashed).where(images.c.status == "ok")).one()
+    if total == 0:
+        stored = conn.execute(sa.select(image_hashes.c.size).where(image_hashes.c.kind == summary.hash_kind)
+                              .distinct().order_by(image_hashes.c.size)).scalars().all()
+        have = f"stored {summary.hash_kind} sizes: {', '.join(map(str, stored))}" if stored else \
+            f"no {summary.hash_kind} hashes are stored"
+        raise LookupError(f"no image has a {summary.hash_kind} size {summary.size} hash ({have}); run "
+                          f"`lookalike hash`" + (" with --imagehash-sizes" if summary.hash_kind != "dhash_rowcol"
+                                                 else ""))
     summary.low_detail_left_out = 0 if summary.include_low_detail else flat
     summary.images = total - summary.low_detail_left_out
-    ok = conn.execute(sa.select(sa.func.count()).select_from(images).where(images.c.status == "ok")).scalar_one()
     summary.not_hashed = ok - total
 
 
@@ -328,38 +414,222 @@ def _hamming_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return diff if diff.ndim == 1 else diff.sum(axis=1)
 
 
-def _group_near(conn: Connection, summary: DedupeSummary) -> None:
-    """Pairs within the radius (exact search) → connected components → keeper and distances."""
-    rows = conn.execute(
-        sa.select(images.c.id, images.c.label, images.c.width, images.c.height, images.c.byte_size,
-                  images.c.format, image_hashes.c.hex, image_hashes.c.value, image_hashes.c.bits)
+def _hashed_rows(conn: Connection, summary: DedupeSummary) -> list:
+    return conn.execute(
+        sa.select(images.c.id, images.c.sha256, images.c.source, images.c.label, images.c.width, images.c.height,
+                  images.c.byte_size, images.c.format, image_hashes.c.hex, image_hashes.c.value,
+                  image_hashes.c.bits, _is_low_detail().label("low_detail"))
         .select_from(_hashed(summary.hash_kind, summary.size))
         .where(*_candidates_where(summary)).order_by(images.c.id)).all()
+
+
+def keeper_groups(rows: list, first: np.ndarray, second: np.ndarray, score: np.ndarray | None = None) -> np.ndarray:
+    """Keeper index per row (-1: in no group) from matching pairs, without chaining.
+
+    Rows are taken in keeper order. A row that matches a keeper taken before it
+    joins that keeper's group (the best-scoring one, if it matches several);
+    otherwise it becomes a keeper itself. A row joins only a keeper it matches
+    *directly*, so A~B and B~C never put A and C in one group unless A~C too.
+    """
+    n = len(rows)
+    order = sorted(range(n), key=lambda k: keeper_key(rows[k].width, rows[k].height, rows[k].byte_size,
+                                                      rows[k].format, rows[k].id))
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    score = np.zeros(len(first)) if score is None else score
+    matches: dict[int, list[tuple[float, int, int]]] = {}   # row -> (-score, keeper rank, better-ranked row)
+    for a, b, s in zip(first.tolist(), second.tolist(), score.tolist()):
+        better, worse = (a, b) if rank[a] < rank[b] else (b, a)
+        matches.setdefault(worse, []).append((-s, int(rank[better]), better))
+    keeper = np.full(n, -1, dtype=np.int64)
+    for k in order:
+        joined = min(((s, r, c) for s, r, c in matches.get(k, ()) if keeper[c] == c), default=None)
+        keeper[k] = k if joined is None else joined[2]   # a keeper left alone is dropped below
+    sizes = np.bincount(keeper, minlength=n)
+    keeper[sizes[keeper] < 2] = -1
+    return keeper
+
+
+def _write_groups(conn: Connection, summary: DedupeSummary, rows: list, keeper: np.ndarray, hashes: np.ndarray,
+                  decision: dict[tuple[int, int], tuple[float, str]] | None = None) -> None:
+    grouped = np.flatnonzero(keeper >= 0)
+    if grouped.size == 0:
+        return
+    keepers = keeper[grouped]
+    distances = _hamming_rows(hashes[grouped], hashes[keepers])
+    records = []
+    for k, kept, d in zip(grouped.tolist(), keepers.tolist(), distances.tolist()):
+        score, method = (None, None)
+        if decision is not None and k != kept:
+            score, method = decision[(min(k, kept), max(k, kept))]
+        records.append({"run_id": summary.run_id, "image_id": rows[k].id, "group_id": rows[kept].id,
+                        "is_keeper": k == kept, "distance": int(d), "score": score, "verified_by": method})
+    conn.execute(sa.insert(duplicate_groups), records)
+
+
+def _same_label(rows: list, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    labels = np.array([r.label for r in rows], dtype=object)
+    return labels[first] == labels[second]
+
+
+def _group_near(conn: Connection, summary: DedupeSummary) -> None:
+    """Pairs within the radius (exact search) → keepers, each member within the radius of its keeper."""
+    rows = _hashed_rows(conn, summary)
     if len(rows) < 2:
         return
     hashes = hash_matrix(summary.hash_kind, summary.size, max(r.bits for r in rows),
                          [r.hex for r in rows], [r.value for r in rows])
     first, second, _ = pairs_within(hashes, summary.max_distance)
-    first, second = np.asarray(first, dtype=np.int64), np.asarray(second, dtype=np.int64)
     if summary.per_label:
-        labels = np.array([r.label for r in rows], dtype=object)
-        same = labels[first] == labels[second]
+        same = _same_label(rows, first, second)
         first, second = first[same], second[same]
-    _, component, members = np.unique(connected_groups(len(rows), first, second),
-                                      return_inverse=True, return_counts=True)
-    grouped = np.flatnonzero(members[component] >= 2)
-    if grouped.size == 0:
+    _write_groups(conn, summary, rows, keeper_groups(rows, first, second), hashes)
+
+
+# ---- the verified rule -----------------------------------------------------------------
+
+def _group_verified(conn: Connection, db: Database, summary: DedupeSummary, backbone: str,
+                    thresholds: VerifiedThresholds, progress: bool) -> None:
+    """Candidates from the hash and the embeddings, each verified, then keepers without chaining."""
+    from .features import latest_feature_model, load_embeddings
+    model_id = latest_feature_model(conn, backbone)
+    hashed = _hashed_rows(conn, summary)
+    ids, vectors = load_embeddings(conn, model_id)
+    position = {int(i): k for k, i in enumerate(ids.tolist())}
+    rows = [r for r in hashed if r.id in position]
+    summary.not_embedded = len(hashed) - len(rows)
+    summary.images = len(rows)
+    if len(rows) < 2:
         return
-    keeper_of: dict[int, int] = {}
-    for index in sorted(grouped, key=lambda k: keeper_key(rows[k].width, rows[k].height, rows[k].byte_size,
-                                                          rows[k].format, rows[k].id)):
-        keeper_of.setdefault(int(component[index]), int(index))
-    keepers = np.array([keeper_of[int(component[k])] for k in grouped])
-    distances = _hamming_rows(hashes[grouped], hashes[keepers])
-    conn.execute(sa.insert(duplicate_groups), [
-        {"run_id": summary.run_id, "image_id": rows[k].id, "group_id": rows[keeper].id,
-         "is_keeper": bool(k == keeper), "distance": int(d)}
-        for k, keeper, d in zip(grouped.tolist(), keepers.tolist(), distances.tolist())])
+    vectors = vectors[[position[r.id] for r in rows]]
+    hashes = hash_matrix(summary.hash_kind, summary.size, max(r.bits for r in rows),
+                         [r.hex for r in rows], [r.value for r in rows])
+    first, second = candidate_pairs(hashes, vectors, np.array([r.low_detail for r in rows], dtype=bool),
+                                    summary.max_distance, thresholds.neighbours)
+    if summary.per_label:
+        same = _same_label(rows, first, second)
+        first, second = first[same], second[same]
+    similarity = np.einsum("ij,ij->i", vectors[first], vectors[second])
+    summary.candidates = len(first)
+    verifier = _Verifier(first, second, lambda k: db.store.path(rows[k].sha256))
+    accepted, score, method = verifier.decide(similarity, thresholds, summary, progress)
+    # A copy that matches two keepers which do not match each other (a grey copy matches the
+    # original and its recolouring) joins the one whose pixels line up best.
+    preference = score.copy()
+    ambiguous = _ambiguous(first, second, accepted)
+    preference[ambiguous] = [g.correlation if g else 0.0 for g in verifier.geometry(ambiguous)]
+    summary.unreadable = len(verifier.cache.unreadable)
+    chosen = np.flatnonzero(accepted)
+    keeper = keeper_groups(rows, first[chosen], second[chosen], preference[chosen])
+    decision = {(int(first[k]), int(second[k])): (float(score[k]), method[k]) for k in chosen}
+    _write_groups(conn, summary, rows, keeper, hashes, decision)
+
+
+def _ambiguous(first: np.ndarray, second: np.ndarray, accepted: np.ndarray) -> np.ndarray:
+    """Accepted pairs of images whose accepted partners do not all accept each other."""
+    chosen = np.flatnonzero(accepted)
+    matched = {(int(first[k]), int(second[k])) for k in chosen}
+    partners: dict[int, list[tuple[int, int]]] = {}
+    for k in chosen.tolist():
+        a, b = int(first[k]), int(second[k])
+        partners.setdefault(a, []).append((b, k))
+        partners.setdefault(b, []).append((a, k))
+    out = set()
+    for pairs in partners.values():
+        others = sorted(p for p, _ in pairs)
+        if any((p, q) not in matched for i, p in enumerate(others) for q in others[i + 1:]):
+            out.update(k for _, k in pairs)
+    return np.array(sorted(out), dtype=np.int64)
+
+
+def candidate_pairs(hashes: np.ndarray, vectors: np.ndarray, low_detail: np.ndarray, max_distance: int,
+                    neighbours: int) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate pairs (i < j): hashes within ``max_distance`` (flat images left out: theirs collide),
+    and each image's ``neighbours`` nearest embeddings."""
+    n = len(vectors)
+    detailed = np.flatnonzero(~low_detail)
+    i, j, _ = pairs_within(hashes[detailed], max_distance)
+    keys = [detailed[i] * n + detailed[j]]
+    from .vectors import nearest_neighbours
+    near = nearest_neighbours(vectors, min(neighbours, n - 1))
+    rows = np.repeat(np.arange(n), near.shape[1])
+    cols = near.ravel()
+    valid = (cols >= 0) & (cols != rows)
+    a, b = rows[valid], cols[valid]
+    keys.append(np.minimum(a, b) * n + np.maximum(a, b))
+    keys = np.unique(np.concatenate(keys))
+    return keys // n, keys % n
+
+
+class _ViewCache:
+    """Decoded verification views by row, the most recently used kept (bounded memory)."""
+
+    def __init__(self, path_of, capacity: int = 256):
+        self.path_of, self.capacity = path_of, capacity
+        self.views: OrderedDict = OrderedDict()
+        self.lock = threading.Lock()
+        self.unreadable: set[int] = set()
+
+    def get(self, k: int):
+        from .verify import load_view
+        with self.lock:
+            if k in self.views:
+                self.views.move_to_end(k)
+                return self.views[k]
+        try:
+            view = load_view(self.path_of(k))
+        except ImageError:
+            view = None
+            with self.lock:
+                self.unreadable.add(k)
+        with self.lock:
+            self.views[k] = view
+            if len(self.views) > self.capacity:
+                self.views.popitem(last=False)
+        return view
+
+
+class _Verifier:
+    """Decides candidate pairs (rows ``first[k]``, ``second[k]``): by embedding, or by geometry when unsure."""
+
+    def __init__(self, first: np.ndarray, second: np.ndarray, path_of):
+        self.first, self.second = first, second
+        self.cache = _ViewCache(path_of)
+
+    def _check(self, k: int):
+        a, b = self.cache.get(int(self.first[k])), self.cache.get(int(self.second[k]))
+        if a is None or b is None:
+            return None
+        from .verify import match_geometry
+        return match_geometry(a, b)
+
+    def geometry(self, pairs: np.ndarray, progress: bool = False):
+        """Geometry results (None: unreadable) for these pair indices, in order, two at a time."""
+        # The better-ranked image of a pair is usually decoded again for its next pair: keep pairs in order.
+        order = np.lexsort((self.second[pairs], self.first[pairs]))
+        results = [None] * len(pairs)
+        with ThreadPoolExecutor(2) as pool, tqdm(total=len(pairs), unit="pair", desc="verify", mininterval=1.0,
+                                                 disable=not progress) as bar:
+            for position, result in zip(order.tolist(), pool.map(self._check, pairs[order].tolist())):
+                results[position] = result
+                bar.update()
+        return results
+
+    def decide(self, similarity: np.ndarray, thresholds: VerifiedThresholds, summary: DedupeSummary,
+               progress: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """(accepted mask, the score that decided each pair, what decided it: embedding or geometry)."""
+        accepted = similarity >= thresholds.accept_from
+        unsure = np.flatnonzero(~accepted & (similarity >= thresholds.reject_below))
+        summary.decided["embedding accepted"] = int(accepted.sum())
+        summary.decided["embedding rejected"] = len(similarity) - int(accepted.sum()) - len(unsure)
+        score = similarity.astype(np.float64)
+        method = ["embedding"] * len(similarity)
+        for k, geometry in zip(unsure.tolist(), self.geometry(unsure, progress)):
+            matched = geometry is not None and geometry.matched
+            summary.decided["geometry accepted" if matched else "geometry rejected"] += 1
+            if matched:
+                accepted[k], score[k], method[k] = True, geometry.correlation, "geometry"
+        return accepted, score, method
 
 
 # ---- unique counts per label and hash size ------------------------------------------
@@ -425,38 +695,84 @@ def unique_counts(db: Database, *, hash_kind: str = "dhash_rowcol", sizes=range(
 class Match:
     image_id: int
     label: str | None
-    distance: int
+    source: str
+    distance: int              # Hamming distance of the rule's hash
+    similarity: float | None   # cosine similarity of the embeddings (verified rule)
+    verified_by: str           # hash | embedding | geometry
 
 
-def is_duplicate(db: Database, data: bytes, *, hash_kind: str = NEAR_DEFAULT_HASH[0],
-                 size: int = NEAR_DEFAULT_HASH[1], max_distance: int | None = None, limit: int = 10,
-                 include_low_detail: bool = False) -> list[Match]:
-    """Stored ok images whose hash is within ``max_distance`` of the new image's, nearest first.
+def is_duplicate(db: Database, data: bytes, *, rule: str = DEFAULT_RULE, hash_kind: str | None = None,
+                 size: int | None = None, max_distance: int | None = None, limit: int = 10,
+                 include_low_detail: bool = False, backbone: str = DEFAULT_BACKBONE,
+                 thresholds: VerifiedThresholds = VerifiedThresholds()) -> list[Match]:
+    """Stored ok images that the new image is a copy of, by the dedupe ``rule``; best first.
 
-    ``max_distance`` defaults as in the near rule (:func:`default_max_distance`).
-    An empty list means the image is not a duplicate. Flat images are not
-    matched (their hashes say nothing), on either side, unless ``include_low_detail``.
+    ``verified`` (default): the dedupe step's candidates and checks, with the
+    new image as the copy and each stored image as the keeper. ``near``: stored
+    hashes within ``max_distance`` (flat images are not matched unless
+    ``include_low_detail``). An empty list means the image is not a duplicate.
     Raises ``images.ImageError`` when ``data`` cannot be decoded.
     """
+    if rule not in ("verified", "near"):
+        raise ValueError(f"is-duplicate takes the verified or the near rule, not {rule!r}")
+    hash_kind, size = hash_kind or NEAR_DEFAULT_HASH[0], NEAR_DEFAULT_HASH[1] if size is None else int(size)
     if hash_kind not in KINDS:
-        raise ValueError(f"unknown hash kind {hash_kind!r}; use one of {KINDS}")
+        raise ValueError(f"unknown hash kind {hash_kind!r}; use one of: {', '.join(KINDS)}")
+    bits = hash_bits(hash_kind, size)
     if max_distance is None:
-        max_distance = default_max_distance(hash_kind, size)
+        max_distance = VERIFIED_MAX_DISTANCE if rule == "verified" else default_max_distance(hash_kind, size)
+    if not 0 <= max_distance < bits:
+        raise ValueError(f"the maximum distance must be between 0 and {bits - 1} bits, not {max_distance}")
     image = open_image(data)
-    if not include_low_detail and is_low_detail(image):
+    flat = is_low_detail(image)
+    if rule == "near" and flat and not include_low_detail:
         return []
     dhash_sizes, imagehash_sizes = ([size], []) if hash_kind == "dhash_rowcol" else ([], [size])
     query = next(h for h in compute_hashes(image, dhash_sizes=dhash_sizes, imagehash_sizes=imagehash_sizes)
                  if h.kind == hash_kind)
-    where = [images.c.status == "ok"] + ([] if include_low_detail else [~_is_low_detail()])
+    where = [images.c.status == "ok"] + ([] if include_low_detail or rule == "verified" else [~_is_low_detail()])
     with db.engine.connect() as conn:
-        rows = conn.execute(sa.select(images.c.id, images.c.label, image_hashes.c.hex, image_hashes.c.value)
+        rows = conn.execute(sa.select(images.c.id, images.c.label, images.c.source, images.c.sha256,
+                                      image_hashes.c.hex, image_hashes.c.value, _is_low_detail().label("low_detail"))
                             .select_from(_hashed(hash_kind, size)).where(*where).order_by(images.c.id)).all()
+        if rule == "verified" and rows:
+            from .features import latest_feature_model, load_embeddings
+            ids, vectors = load_embeddings(conn, latest_feature_model(conn, backbone))
     if not rows:
         return []
     stored = hash_matrix(hash_kind, size, query.bits, [r.hex for r in rows], [r.value for r in rows])
     mine = hash_matrix(hash_kind, size, query.bits, [query.hex], [query.to_signed64()])
     distances = _hamming_rows(stored, mine[0])
-    near = np.flatnonzero(distances <= max_distance)
-    near = near[np.lexsort((near, distances[near]))][:limit]  # nearest first, then lowest id
-    return [Match(rows[k].id, rows[k].label, int(distances[k])) for k in near]
+    if rule == "near":
+        near = np.flatnonzero(distances <= max_distance)
+        near = near[np.lexsort((near, distances[near]))][:limit]  # nearest first, then lowest id
+        return [Match(rows[k].id, rows[k].label, rows[k].source, int(distances[k]), None, "hash") for k in near]
+
+    from .backbones import load_backbone
+    from .verify import load_view, make_view, match_geometry
+    position = {int(i): k for k, i in enumerate(ids.tolist())}
+    keep = [k for k, r in enumerate(rows) if r.id in position]
+    if not keep:
+        return []
+    similarity = vectors[[position[rows[k].id] for k in keep]] @ load_backbone(backbone).embed([image])[0]
+    by_hash = set(np.flatnonzero((distances[keep] <= max_distance)
+                                 & ~(flat | np.array([rows[k].low_detail for k in keep], dtype=bool))).tolist())
+    by_embedding = set(np.argsort(-similarity, kind="stable")[:thresholds.neighbours].tolist())
+    mine_view = None
+    found = []
+    for c in sorted(by_hash | by_embedding, key=lambda c: -similarity[c]):
+        row, s = rows[keep[c]], float(similarity[c])
+        if s >= thresholds.accept_from:
+            method = "embedding"
+        elif s >= thresholds.reject_below:
+            mine_view = mine_view or make_view(image)
+            try:
+                if not match_geometry(load_view(db.store.path(row.sha256)), mine_view).matched:
+                    continue
+            except ImageError:
+                continue
+            method = "geometry"
+        else:
+            continue
+        found.append(Match(row.id, row.label, row.source, int(distances[keep[c]]), s, method))
+    return found[:limit]

@@ -14,6 +14,13 @@ and renamed, a blob is committed in one request), so an interrupted export is
 resumed by running it again: an object already there with the same size and
 content hash is not written again. The manifests are written last, only when
 every image is in place. Nothing at the destination is ever deleted.
+
+Hostile destinations: a folder destination may be neither inside nor around the
+image store; no write leaves it (symbolic links inside it are refused, object by
+object); a manifest there that lookalike did not write is replaced only with
+``force``. A label with no safe folder name (``..``, ``.``, or two labels that
+sanitise to one folder) has its images skipped, with the reason in the summary,
+while the other labels export.
 """
 
 from __future__ import annotations
@@ -23,12 +30,13 @@ import hashlib
 import io
 import os
 import re
+import stat
 import sys
 import time
 import uuid
 from collections import Counter, defaultdict
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -41,7 +49,7 @@ from .config import mask_secrets
 from .db import Database, image_hashes, images, recorded_run, splits
 from .images import EXTENSIONS
 from .split import is_unique_image, non_keepers
-from .store import sha256_hex
+from .store import DEFAULT_GRACE_S, sha256_hex
 
 DEFAULT_CONCURRENCY = 8
 CONNECTION_STRING_ENV = "AZURE_STORAGE_CONNECTION_STRING"
@@ -62,6 +70,8 @@ MANIFEST_TYPES = {TRANSFER_MANIFEST: "text/plain; charset=utf-8", CSV_MANIFEST: 
 _CONTAINER = re.compile(r"^(?=.{3,63}$)[a-z0-9]+(-[a-z0-9]+)*$")
 # Characters a label may not keep in a path segment: separators, controls, and what Windows forbids.
 _UNSAFE_IN_SEGMENT = re.compile(r'[\x00-\x1f\x7f-\x9f/\\<>:"|?*]')
+# What FolderTarget.put names a file while it is written; a kill -9 can leave one behind.
+_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
 _AZURE_RETRY = dict(initial_backoff=1, increment_base=2, retry_total=3, random_jitter_range=1)
 _AZURE_TIMEOUTS = dict(connection_timeout=10, read_timeout=60)
 
@@ -96,6 +106,7 @@ class ExportPlan:
     objects: tuple[ExportObject, ...]
     sha256_fallbacks: int                 # images named by sha256 because their dHash name collided
     renamed_labels: dict[str, str]        # label -> the folder name it was sanitised to
+    skipped_labels: dict[str, tuple[int, str]]  # label -> (images, why) for labels with no safe folder name
     duplicates_left_out: int              # split images that are non-keepers of a later dedupe run
     unsplit: int                          # unique images without a split
 
@@ -136,14 +147,24 @@ def plan_export(db: Database, *, name_by: str = "sha256") -> ExportPlan:
                 .join_from(splits, image_hashes, splits.c.image_id == image_hashes.c.image_id)
                 .where(image_hashes.c.kind == kind, image_hashes.c.size == size)).all())
 
-    segments = {label: label_segment(label) for label in sorted({row.label for row in rows})}
+    # A label with no safe folder name of its own is left out alone; the other labels export.
+    segments, reasons = {}, {}
+    for label in sorted({row.label for row in rows}):
+        try:
+            segments[label] = label_segment(label)
+        except ExportError as exc:
+            reasons[label] = str(exc)
     by_segment = defaultdict(list)
     for label, segment in segments.items():
         by_segment[segment].append(label)
-    clashes = [labels for labels in by_segment.values() if len(labels) > 1]
-    if clashes:
-        raise ExportError(f"labels {clashes[0]} would share one folder name {label_segment(clashes[0][0])!r}; "
-                          "rename one of them")
+    for segment, labels in by_segment.items():
+        for label in labels if len(labels) > 1 else ():
+            if label != segment:  # the label spelled exactly as the folder keeps it
+                others = [other for other in labels if other != label]
+                reasons[label] = f"label {label!r} would share the folder {segment!r} with {others}; rename one"
+    per_label = Counter(row.label for row in rows)
+    skipped = {label: (per_label[label], reason) for label, reason in sorted(reasons.items())}
+    rows = [row for row in rows if row.label not in reasons]
 
     if name_by == "dhash":
         missing = sum(1 for row in rows if row.id not in dhashes)
@@ -169,7 +190,8 @@ def plan_export(db: Database, *, name_by: str = "sha256") -> ExportPlan:
             content_type=CONTENT_TYPES.get(row.format, "application/octet-stream")))
     objects.sort(key=lambda o: o.key)
     return ExportPlan(tuple(objects), fallbacks,
-                      {label: seg for label, seg in segments.items() if seg != label},
+                      {label: seg for label, seg in segments.items() if seg != label and label not in reasons},
+                      skipped,
                       duplicates_left_out, unsplit)
 
 
@@ -180,59 +202,184 @@ class Target(Protocol):
 
     def open(self, *, dry_run: bool) -> None: ...
     def holds(self, key: str, size: int, sha256: str, content_type: str, data: Callable[[], bytes]) -> bool: ...
+    def foreign(self, name: str) -> str | None: ...
     def put(self, key: str, data: bytes, sha256: str, content_type: str) -> None: ...
     def url(self, key: str) -> str: ...
     def keys(self) -> set[str]: ...
+    def sweep(self, grace: float) -> int: ...
     def close(self) -> None: ...
 
 
 class FolderTarget:
-    """A local folder; each file is written under a temporary name and renamed into place."""
+    """A local folder; each file is written under a temporary name and renamed into place.
 
-    def __init__(self, root: Path):
-        self.root = root.expanduser().resolve()
+    Every path below the folder is walked one name at a time from an open handle on
+    the folder, never following a symbolic link, so no write can land outside it.
+    """
+
+    def __init__(self, root: Path, store: Path | None = None):
+        self.root = Path(os.path.realpath(root.expanduser()))
         self.display = str(self.root)
+        self._store = Path(os.path.realpath(store)) if store is not None else None
+        self._fd: int | None = None
 
     def open(self, *, dry_run: bool) -> None:
         if self.root.exists() and not self.root.is_dir():
             raise ExportError(f"{self.root} exists and is not a folder")
+        store = self._store
+        if store is not None and (self.root.is_relative_to(store) or store.is_relative_to(self.root)):
+            where = "is inside" if self.root.is_relative_to(store) else "contains"
+            raise ExportError(f"{self.root} {where} the image store {store}: export to a folder outside it")
         if not dry_run:
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise ExportError(f"cannot create {self.root}: {exc.strerror}") from None
+        if self.root.is_dir():
+            self._fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+
+    def _folder(self, parts: list[str], *, create: bool) -> int | None:
+        """A new handle on the folder ``parts`` below the root (None if missing and not ``create``)."""
+        if self._fd is None:  # a dry run into a folder that does not exist yet
+            if create:
+                raise OSError(f"{self.root} is not open for writing")
+            return None
+        fd = os.dup(self._fd)
+        try:
+            for n, name in enumerate(parts):
+                if create:
+                    try:
+                        os.mkdir(name, dir_fd=fd)
+                    except FileExistsError:
+                        pass
+                try:
+                    child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                except FileNotFoundError:
+                    if create:
+                        raise
+                    os.close(fd)
+                    return None
+                except OSError as exc:
+                    raise _refusal(fd, name, "/".join(parts[:n + 1]), exc) from None
+                os.close(fd)
+                fd = child
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _read(self, key: str, limit: int) -> bytes | None:
+        """The first ``limit`` bytes of the regular file at ``key``, None if absent; a link is an error."""
+        *parts, name = key.split("/")
+        folder = self._folder(parts, create=False)
+        if folder is None:
+            return None
+        try:
+            try:
+                # O_NONBLOCK: a named pipe planted here must not hang the export.
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=folder)
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise _refusal(folder, name, key, exc) from None
+            with os.fdopen(fd, "rb") as file:
+                if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                    raise OSError(f"{key} is not a regular file: refusing to replace it")
+                return file.read(limit)
+        finally:
+            os.close(folder)
 
     def holds(self, key: str, size: int, sha256: str, content_type: str, data: Callable[[], bytes]) -> bool:
-        path = self.root / key
+        found = self._read(key, size + 1)  # one byte more tells a longer file without reading it all
+        return found is not None and len(found) == size and sha256_hex(found) == sha256
+
+    def foreign(self, name: str) -> str | None:
+        """Why the manifest file ``name`` is not one that lookalike wrote (None: absent, or ours)."""
         try:
-            return path.stat().st_size == size and sha256_hex(path.read_bytes()) == sha256
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            return False
+            head = self._read(name, 64 * 1024)
+        except OSError:
+            return "is a symbolic link or not a regular file"
+        if head is None or _is_our_manifest(name, head):
+            return None
+        return "was not written by lookalike"
 
     def put(self, key: str, data: bytes, sha256: str, content_type: str) -> None:
-        path = self.root / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-        # os.open with mode 0o666 so the file gets the user's umask, as a plain copy would.
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        *parts, name = key.split("/")
+        folder = self._folder(parts, create=True)
+        temporary = f".{name}.{uuid.uuid4().hex[:12]}.tmp"  # matches _TEMPORARY
         try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-            os.replace(temporary, path)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
+            # Mode 0o666 so the file gets the user's umask, as a plain copy would.
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666, dir_fd=folder)
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    out.write(data)
+                # rename replaces a link at ``name`` itself; it never writes through one.
+                os.replace(temporary, name, src_dir_fd=folder, dst_dir_fd=folder)
+            except BaseException:
+                with suppress(OSError):
+                    os.unlink(temporary, dir_fd=folder)
+                raise
+        finally:
+            os.close(folder)
 
     def url(self, key: str) -> str:
         return (self.root / key).as_uri()
 
     def keys(self) -> set[str]:
-        return {path.relative_to(self.root).as_posix()
-                for folder in SPLIT_FOLDERS.values() if (self.root / folder).is_dir()
-                for path in (self.root / folder).rglob("*") if path.is_file() and not path.name.startswith(".")}
+        if self._fd is None:
+            return set()
+        # fwalk does not follow links, not even a linked Train/ itself.
+        return {f"{folder}/{name}" for top in SPLIT_FOLDERS.values()
+                for folder, _, files, _ in os.fwalk(top, dir_fd=self._fd) for name in files
+                if not name.startswith(".")}
+
+    def sweep(self, grace: float) -> int:
+        """Delete temporary files that an interrupted export left, once older than ``grace`` seconds.
+
+        Younger ones may belong to an export running now. Returns how many were deleted.
+        """
+        if self._fd is None:
+            return 0
+        cutoff = time.time() - grace
+
+        def sweep_in(folder: int, names: list[str]) -> int:
+            removed = 0
+            for name in filter(_TEMPORARY.match, names):
+                with suppress(FileNotFoundError):
+                    found = os.stat(name, dir_fd=folder, follow_symlinks=False)
+                    if stat.S_ISREG(found.st_mode) and found.st_mtime < cutoff:
+                        os.unlink(name, dir_fd=folder)
+                        removed += 1
+            return removed
+
+        # The manifests' folder, then Train/ and Test/ (fwalk's handles live only while it walks).
+        return sweep_in(self._fd, os.listdir(self._fd)) + sum(
+            sweep_in(folder, names) for top in SPLIT_FOLDERS.values()
+            for _, _, names, folder in os.fwalk(top, dir_fd=self._fd))
 
     def close(self) -> None:
-        pass
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _refusal(folder: int, name: str, shown: str, exc: OSError) -> OSError:
+    """The clear error for a path below the destination that could not be opened."""
+    with suppress(OSError):
+        if stat.S_ISLNK(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode):
+            return OSError(f"{shown} is a symbolic link: refusing to follow it out of the destination")
+    if isinstance(exc, NotADirectoryError):
+        return OSError(f"{shown} is not a folder")
+    return OSError(f"cannot open {shown}: {exc.strerror or exc}")
+
+
+def _is_our_manifest(name: str, head: bytes) -> bool:
+    """Whether a manifest's first bytes are what :func:`manifest_texts` writes."""
+    first = head.split(b"\n", 1)[0].decode("utf-8", "replace")
+    if name == CSV_MANIFEST:
+        return first == ",".join(CSV_COLUMNS)
+    fields = first.split("\t")
+    return not head or (len(fields) == 3 and fields[1].split("/", 1)[0] in SPLIT_FOLDERS.values())
 
 
 @dataclass(frozen=True)
@@ -304,6 +451,10 @@ class BlobTarget:
             return found.sha256 == sha256
         return found.md5 is not None and found.md5 == hashlib.md5(data()).digest()
 
+    def foreign(self, name: str) -> str | None:
+        found = self._existing.get(name)
+        return None if found is None or found.sha256 else "was not written by lookalike"  # we always set sha256
+
     def put(self, key: str, data: bytes, sha256: str, content_type: str) -> None:
         from azure.core.exceptions import AzureError
         from azure.storage.blob import ContentSettings
@@ -320,6 +471,9 @@ class BlobTarget:
 
     def keys(self) -> set[str]:
         return {key for key in self._existing if key.split("/", 1)[0] in SPLIT_FOLDERS.values()}
+
+    def sweep(self, grace: float) -> int:
+        return 0  # a blob is committed in one request: nothing half-written to clean up
 
     def close(self) -> None:
         if self._container is not None:
@@ -349,17 +503,20 @@ def _azure_reason(exc: Exception) -> str:
 
 
 def open_target(dest: str, *, concurrency: int = DEFAULT_CONCURRENCY, create_container: bool = False,
-                connection_string_env: str = CONNECTION_STRING_ENV) -> Target:
-    """The destination named by ``dest``: a folder path, ``file://`` URL or ``az://container/prefix``."""
+                connection_string_env: str = CONNECTION_STRING_ENV, store: Path | None = None) -> Target:
+    """The destination named by ``dest``: a folder path, ``file://`` URL or ``az://container/prefix``.
+
+    A folder may be neither inside nor around the image store at ``store``.
+    """
     text = str(dest)
     scheme = urlparse(text).scheme.lower() if "://" in text else ""
     if scheme == "":
-        return FolderTarget(Path(text))
+        return FolderTarget(Path(text), store)
     if scheme == "file":
         parsed = urlparse(text)
         if parsed.netloc not in ("", "localhost"):
             raise ExportError(f"file:// URLs must name a local path, not host {parsed.netloc!r}")
-        return FolderTarget(Path(unquote(parsed.path)))
+        return FolderTarget(Path(unquote(parsed.path)), store)
     if scheme != "az":
         raise ExportError(f"unsupported destination {text!r}: use a folder, file:///path or az://container/prefix")
     parsed = urlparse(text)
@@ -394,6 +551,8 @@ class ExportSummary:
     not_in_export: int = 0          # objects under Train/ and Test/ that this export does not list
     sha256_fallbacks: int = 0
     renamed_labels: dict[str, str] = field(default_factory=dict)
+    temporaries_removed: int = 0    # files an interrupted export left behind, deleted by this one
+    skipped_labels: dict[str, tuple[int, str]] = field(default_factory=dict)  # label -> (images, why)
     duplicates_left_out: int = 0
     unsplit: int = 0
     interrupted: bool = False
@@ -420,6 +579,7 @@ class ExportSummary:
             out.append(f"  {self.sha256_fallbacks} images named by sha256: their dHash name was taken twice "
                        "in one folder")
         out += [f"  label {label!r} exported as folder {segment!r}" for label, segment in self.renamed_labels.items()]
+        out += [f"  skipped {n} images: {reason}" for n, reason in self.skipped_labels.values()]
         if self.duplicates_left_out:
             out.append(f"  left out: {self.duplicates_left_out} split images that the latest dedupe run marks as "
                        "duplicates (run `lookalike split` again)")
@@ -429,6 +589,8 @@ class ExportSummary:
         if self.not_in_export:
             out.append(f"  {self.not_in_export} objects under Train/ and Test/ are not in this export "
                        "(left in place)")
+        if self.temporaries_removed:
+            out.append(f"  removed {self.temporaries_removed} temporary files that an interrupted export left")
         if self.interrupted:
             out.append("interrupted: every object listed as written is complete; run the same command to finish")
         return out
@@ -436,39 +598,49 @@ class ExportSummary:
 
 def export_images(db: Database, dest: str, *, name_by: str = "sha256", dry_run: bool = False,
                   concurrency: int = DEFAULT_CONCURRENCY, progress: bool | None = None,
-                  create_container: bool = False,
-                  connection_string_env: str = CONNECTION_STRING_ENV) -> ExportSummary:
+                  create_container: bool = False, connection_string_env: str = CONNECTION_STRING_ENV,
+                  force: bool = False) -> ExportSummary:
     """Write the unique images of the split, and their manifests, to ``dest``; return what happened.
 
     ``dest`` is a folder path, ``file://`` URL, or ``az://container/prefix`` (connection
     string in the environment variable ``connection_string_env``; the container must
     exist unless ``create_container``). Objects already there with the same content are
     not written again, so a re-run resumes an interrupted export. ``dry_run`` lists what
-    would be written and writes nothing.
+    would be written and writes nothing. A manifest at ``dest`` that lookalike did not
+    write is an error unless ``force``; images of a label with no safe folder name are
+    skipped, and the summary says why.
     """
     if concurrency < 1:
         raise ExportError("concurrency must be at least 1")
     started = time.monotonic()
     plan = plan_export(db, name_by=name_by)
     target = open_target(dest, concurrency=concurrency, create_container=create_container,
-                         connection_string_env=connection_string_env)
+                         connection_string_env=connection_string_env, store=db.store.root)
     summary = ExportSummary(target.display, dry_run=dry_run, images=len(plan.objects),
                             sha256_fallbacks=plan.sha256_fallbacks, renamed_labels=dict(plan.renamed_labels),
+                            skipped_labels=dict(plan.skipped_labels),
                             duplicates_left_out=plan.duplicates_left_out, unsplit=plan.unsplit)
-    params = {"dest": target.display, "name_by": name_by, "concurrency": concurrency}
+    params = {"dest": target.display, "name_by": name_by, "concurrency": concurrency, "force": force}
     with nullcontext({}) if dry_run else recorded_run(db, "export", params) as counts:
         try:
             target.open(dry_run=dry_run)
+            for name in MANIFEST_TYPES if not force else ():
+                if reason := target.foreign(name):
+                    raise ExportError(f"{target.display.rstrip('/')}/{name} {reason}: move it away, "
+                                      "or pass --force to overwrite it")
             _export_objects(db, target, plan.objects, summary, dry_run=dry_run, concurrency=concurrency,
                             progress=sys.stderr.isatty() if progress is None else progress)
             if not summary.failed and not summary.interrupted:
                 _write_manifests(target, plan.objects, summary, dry_run=dry_run)
                 summary.not_in_export = len(target.keys() - {o.key for o in plan.objects})
+                if not dry_run:
+                    summary.temporaries_removed = target.sweep(DEFAULT_GRACE_S)
         finally:
             target.close()
             summary.seconds = time.monotonic() - started
         counts.update(images=summary.images, uploaded=summary.uploaded, already_there=summary.already_there,
-                      bytes=summary.bytes_uploaded, failed=len(summary.failed), interrupted=summary.interrupted)
+                      bytes=summary.bytes_uploaded, failed=len(summary.failed), interrupted=summary.interrupted,
+                      skipped=sum(n for n, _ in summary.skipped_labels.values()))
     return summary
 
 
@@ -542,10 +714,18 @@ def _write_manifests(target: Target, objects: tuple[ExportObject, ...], summary:
     for name, text in manifest_texts(target, objects).items():
         data = text.encode()
         sha, content_type = sha256_hex(data), MANIFEST_TYPES[name]
-        if target.holds(name, len(data), sha, content_type, lambda: data):
+        try:
+            held = target.holds(name, len(data), sha, content_type, lambda: data)
+        except OSError:  # a link or other odd file in its place, let through by force: replaced, never followed
+            held = False
+        if held:
+            continue
+        try:
+            if not dry_run:
+                target.put(name, data, sha, content_type)
+        except OSError as exc:
+            summary.failed[name] = str(exc) or type(exc).__name__
             continue
         summary.manifests_written += 1
         if dry_run:
             summary.would_write.append(name)
-        else:
-            target.put(name, data, sha, content_type)

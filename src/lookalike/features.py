@@ -17,9 +17,9 @@ import numpy as np
 import sqlalchemy as sa
 
 from .backbones import Backbone, load_backbone
+from .config import DEFAULT_BACKBONE
 from .db import Database, embeddings, feature_models, images, now, recorded_run, vector_bytes, vector_from_bytes
 
-DEFAULT_BACKBONE = "efficientnet-lite0"
 COMMIT_SECONDS = 2.0
 
 

@@ -23,6 +23,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # Pillow's own default (about 89 megapixels): above it Pillow warns, above twice
 # it raises. We make the warning an error too, so a bomb never gets decoded.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+# What one query or thumbnail may decode (web, `similar`): larger JPEGs decode at
+# 1/2, 1/4 or 1/8 scale to fit, other formats are refused before any pixel is
+# allocated. Decoding an RGB PNG of this size peaks at about 180 MB (measured).
+QUERY_MAX_PIXELS = 40_000_000
 
 # Formats written by lossless codecs, preferred as keepers when sizes tie.
 LOSSLESS_FORMATS = frozenset({"PNG", "BMP", "TIFF", "GIF", "WEBP_LOSSLESS", "PPM", "TGA"})
@@ -107,15 +111,34 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _decode(source: Source, draft: tuple[int, int] | None) -> tuple[Image.Image, str]:
+def _jpeg_draft(size: tuple[int, int], draft: tuple[int, int] | None,
+               max_pixels: int) -> tuple[int, int] | None:
+    """The size to ask the JPEG decoder for: the caller's draft, smaller where the pixel budget needs it."""
+    width, height = size
+    for scale in (1, 2, 4, 8):  # the scales libjpeg decodes at directly
+        if -(-width // scale) * -(-height // scale) <= max_pixels:
+            break
+    if scale == 1:
+        return draft
+    fits = (width // scale, height // scale)  # Pillow picks scale s for a request of size // s
+    return fits if draft is None else (min(draft[0], fits[0]), min(draft[1], fits[1]))
+
+
+def _decode(source: Source, draft: tuple[int, int] | None,
+            max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, str]:
     file = _as_file(source)
     with file, warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             img = Image.open(file)
             fmt = img.format or "unknown"
-            if draft is not None and fmt == "JPEG":
-                img.draft("RGB", draft)
+            width, height = img.size  # from the header: nothing is decoded yet
+            request = _jpeg_draft(img.size, draft, max_pixels) if fmt == "JPEG" else None
+            if request is not None:
+                img.draft("RGB", request)
+            if img.size[0] * img.size[1] > max_pixels:
+                raise ImageError(f"too many pixels: {width}x{height} is {width * height / 1e6:.1f} "
+                                 f"megapixels, over the limit of {max_pixels / 1e6:g}")
             img.seek(0)  # first frame of an animation
             img.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -151,17 +174,22 @@ def _unidentified_reason(file: BinaryIO) -> str:
         return "not an image: unrecognised format"
 
 
-def open_image(source: Source, *, draft: tuple[int, int] | None = None) -> Image.Image:
+def open_image(source: Source, *, draft: tuple[int, int] | None = None,
+               max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode ``source`` (bytes or a path) into an upright 8-bit RGB image.
 
     ``draft`` lets JPEG decode at a reduced scale no smaller than the given
     size; it is an opt-in speed-up and changes pixels, so callers that must
     match a reference decode leave it unset.
+    ``max_pixels`` is the pixel budget: a JPEG over it decodes at a reduced
+    scale that fits, anything else over it is refused before decoding. The
+    default is the decompression-bomb guard the steps load with; queries pass
+    :data:`QUERY_MAX_PIXELS`.
     Raises :class:`ImageError` with a storable reason.
     """
-    img, _ = _decode(source, draft)
+    img, _ = _decode(source, draft, max_pixels)
     try:
-        img = ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)  # in place: an upright image is not copied
     except Exception:  # a broken EXIF block is not worth losing the image for
         pass
     return _to_rgb(img)
@@ -180,14 +208,13 @@ def probe(source: Source) -> ImageInfo:
     return ImageInfo(width=width, height=height, format=fmt)
 
 
-
 def thumbnail_jpeg(source: Source, size: int, quality: int) -> bytes:
     """The image as a JPEG no larger than ``size`` on its longest side.
 
     JPEGs decode at reduced scale (``draft``): a thumbnail needs no more.
-    Raises :class:`ImageError` as :func:`open_image` does.
+    Decodes within the query budget; raises :class:`ImageError` as :func:`open_image` does.
     """
-    image = open_image(source, draft=(size, size))
+    image = open_image(source, draft=(size, size), max_pixels=QUERY_MAX_PIXELS)
     image.thumbnail((size, size))
     out = io.BytesIO()
     image.save(out, "JPEG", quality=quality, optimize=True)

@@ -1,4 +1,4 @@
-"""All pairs of hashes within a Hamming distance, exactly, and their groups.
+"""All pairs of hashes within a Hamming distance, exactly.
 
 Multi-index hashing: cut the hash bits into chunks and give chunk ``c`` a
 radius ``r_c`` with ``sum(r_c + 1) >= r + 1``. If two hashes differ in at most
@@ -25,8 +25,6 @@ from itertools import combinations
 from math import comb
 
 import numpy as np
-import scipy.sparse
-from scipy.sparse.csgraph import connected_components
 
 _BLOCK = 1 << 20          # candidate pairs handled at once: bounds memory on adversarial input
 _MAX_TABLE_BITS = 22      # widest chunk that gets a dense lookup table (2**22 entries)
@@ -233,16 +231,3 @@ def pairs_within(hashes: np.ndarray, max_distance: int, *,
     keys = keys[order]
     i = keys // max(n, 1)
     return i, keys - i * n, dist[order]
-
-
-def connected_groups(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """Group label per item: items joined by pairs, directly or through others, share one.
-
-    The label of a group is its lowest item index, so labels are stable and an
-    item with no pair is its own group.
-    """
-    graph = scipy.sparse.coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n, n))
-    _, component = connected_components(graph, directed=False)
-    lowest = np.full(n, n, dtype=np.int64)
-    np.minimum.at(lowest, component, np.arange(n))
-    return lowest[component]

@@ -1,4 +1,7 @@
-"""The whole workflow in one call: load → hash → dedupe → featurize → split → train → evaluate → rank.
+"""The whole workflow in one call: load → hash → featurize → dedupe → split → train → evaluate → rank.
+
+Featurize comes before dedupe because the default (verified) dedupe rule checks
+candidate pairs by their embeddings.
 
 Each step is the same function the CLI, the PL/Python procedures and the
 notebook call; this only runs them in order and gathers their summaries.
@@ -14,6 +17,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from .db import Database, query_images, recorded_run, splits
+from .dedupe import DEFAULT_BACKBONE as DEDUPE_BACKBONE, DEFAULT_RULE
 
 
 @dataclass
@@ -33,8 +37,9 @@ class PipelineSummary:
 
 
 def run_pipeline(db: Database, source: str | Path | None = None, *, seed: int = 0, test_ratio: float = 0.25,
-                 dedupe_rule: str = "near", dedupe_hash: str = "dhash_rowcol", dedupe_size: int = 8,
-                 max_distance: int | None = None, top: int = 10, queries_per_label: int = 20,
+                 dedupe_rule: str = DEFAULT_RULE, dedupe_hash: str | None = None, dedupe_size: int | None = None,
+                 max_distance: int | None = None, dedupe_backbone: str = DEDUPE_BACKBONE,
+                 top: int = 10, queries_per_label: int = 20,
                  negatives_per_query: int = 100, plot: Path | None = None,
                  progress: bool | None = None, device: str = "cpu",
                  backbone: str = "efficientnet-lite0") -> PipelineSummary:
@@ -59,15 +64,20 @@ def run_pipeline(db: Database, source: str | Path | None = None, *, seed: int = 
         return result
 
     params = dict(source=str(source) if source else None, seed=seed, test_ratio=test_ratio, rule=dedupe_rule,
-                  hash=dedupe_hash, size=dedupe_size, max_distance=max_distance, top=top, backbone=backbone)
+                  hash=dedupe_hash, size=dedupe_size, max_distance=max_distance, dedupe_backbone=dedupe_backbone,
+                  top=top, backbone=backbone)
     with recorded_run(db, "run", params) as counts:
         try:
             if source is not None:
                 step("load", lambda: load_images(db, source, progress=progress))
             step("hash", lambda: hash_images(db, progress=progress))
-            step("dedupe", lambda: dedupe_images(
-                db, rule=dedupe_rule, hash_kind=dedupe_hash, size=dedupe_size, max_distance=max_distance))
             step("featurize", lambda: featurize_images(db, backbone=backbone, device=device, progress=progress))
+            if dedupe_rule == "verified" and dedupe_backbone != backbone:
+                step("featurize", lambda: featurize_images(db, backbone=dedupe_backbone, device=device,
+                                                           progress=progress))
+            step("dedupe", lambda: dedupe_images(
+                db, rule=dedupe_rule, hash_kind=dedupe_hash, size=dedupe_size, max_distance=max_distance,
+                backbone=dedupe_backbone, progress=progress))
             step("split", lambda: split_images(db, test_ratio=test_ratio, seed=seed))
             step("train", lambda: train_classifier(db, feature_model=backbone, seed=seed))
             step("evaluate", lambda: evaluate_model(db, queries_per_label=queries_per_label,

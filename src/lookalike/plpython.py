@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -45,13 +46,22 @@ from .config import ConfigError, mask_secrets, parse_db_url, resolve_db_url
 from .db import PG_SCHEMA, Database, settings
 
 DEFAULT_TARGET = Path(f"/var/lib/lookalike/python{sys.version_info.major}.{sys.version_info.minor}")
-PATH_SETTING = "plpython_path"         # lookalike.settings key: where install copied the packages
+PATH_SETTING = "plpython_path"         # lookalike.settings key, for people: the routine bodies are what counts
 PREPARED_SETTING = "prepared_data"     # lookalike.settings key: what prepare_data was given
 TARGET_MARKER = ".lookalike-target"    # in every folder install made; nothing else is ever deleted
 PATH_PLACEHOLDER = "@PLPYTHON_PATH@"
+STORE_PLACEHOLDER = "@STORE_PATH@"
 SEED = 0                               # the procedures use the CLI's default seed
 PROGRESS_SECONDS = 5.0                 # at most one progress NOTICE this often
 PREPARED_DEFAULTS = {"test_ratio": 0.25, "queries_per_label": 20, "negatives_per_query": 100}
+# Every integer parameter a routine takes, with its bounds (checked before the step starts).
+# max_distance is the dedupe step's own: its bound depends on the hash.
+BOUNDS = {"k": (1, 1000), "top_k": (1, 1000), "batch_size": (1, 1024), "size": (1, 64),
+          "queries_per_label": (1, 10_000), "negatives_per_query": (1, 10_000)}
+TEXT_LIMIT = 4096                      # characters in a text parameter (a path, a URL, a name)
+WATCH_SECONDS = 0.1                    # how often a running step is checked for a cancel or terminate
+STOP_GRACE_SECONDS = 3.0               # how long it may take to stop at its own next progress line (a batch's end)
+CANCEL_GRACE_SECONDS = 1.0             # then after KeyboardInterrupt, before its database waits are cancelled
 HEADER_SUFFIXES = {".h", ".hpp", ".cuh"}  # a third of the files (torch's include/): nothing the server runs
 # Imported by the install check inside the server: every step's module, so a missing dependency shows at once.
 STEP_MODULES = ("ingest", "hashing", "dedupe", "features", "split", "classify", "evaluate", "search", "pipeline")
@@ -124,6 +134,8 @@ def install(db_url: str | None, target: str | Path | None = None, *,
     """
     started = time.monotonic()
     target = _check_target_path(Path(target) if target else DEFAULT_TARGET)
+    if store_dir is not None:
+        _body_path(Path(store_dir), "--store")
     url = _postgres_url(db_url)
     engine = sa.create_engine(url)
     try:
@@ -181,17 +193,15 @@ def uninstall(db_url: str | None, drop_data: bool = False) -> UninstallSummary:
     try:
         with _connect(engine) as conn, conn.begin():
             has_schema = conn.execute(sa.text("SELECT to_regnamespace(:s)"), {"s": PG_SCHEMA}).scalar() is not None
-            path = None
-            if has_schema and conn.execute(sa.text("SELECT to_regclass(:t)"),
-                                           {"t": f"{PG_SCHEMA}.settings"}).scalar() is not None:
-                path = conn.execute(sa.text(f"SELECT value FROM {PG_SCHEMA}.settings WHERE key = :k"),
-                                    {"k": PATH_SETTING}).scalar()
+            has_settings = has_schema and conn.execute(sa.text("SELECT to_regclass(:t)"),
+                                                       {"t": f"{PG_SCHEMA}.settings"}).scalar() is not None
+            path = _installed_target(conn) if has_schema else None
             routines = [row.signature for row in conn.execute(_ROUTINES, {"schema": PG_SCHEMA})]
             for routine in routines:
                 conn.exec_driver_sql(f"DROP ROUTINE {routine}")  # regprocedure text: quoted as needed
             if drop_data and has_schema:
                 conn.exec_driver_sql(f'DROP SCHEMA "{PG_SCHEMA}" CASCADE')
-            elif path is not None:
+            elif has_settings:
                 conn.execute(sa.text(f"DELETE FROM {PG_SCHEMA}.settings WHERE key = :k"), {"k": PATH_SETTING})
     finally:
         engine.dispose()
@@ -220,10 +230,7 @@ def _databases_using(url, path: str) -> list[str]:
         other = sa.create_engine(url.set(database=name), poolclass=sa.pool.NullPool)
         try:
             with other.connect() as conn:
-                if conn.execute(sa.text("SELECT to_regclass(:t)"), {"t": f"{PG_SCHEMA}.settings"}).scalar() is None:
-                    continue
-                used = conn.execute(sa.text(f"SELECT value FROM {PG_SCHEMA}.settings WHERE key = :k"),
-                                    {"k": PATH_SETTING}).scalar()
+                used = _installed_target(conn)
         except sa.exc.DBAPIError:
             used = path  # cannot tell: keep the folder
         if used == path:
@@ -287,13 +294,18 @@ def _connect(engine: sa.Engine) -> sa.Connection:
 
 
 def _check_target_path(target: Path) -> Path:
-    target = target.expanduser().absolute()
-    # The path is written into the routine bodies as a Python string literal.
-    if not target.name or any(c in str(target) for c in "$'\"\\") or not str(target).isprintable():
-        raise ConfigError(f"--target must be a plain folder path (no quotes, $ or backslashes): {target}")
+    target = _body_path(target, "--target")
     if target.exists() and any(target.iterdir()) and not (target / TARGET_MARKER).is_file():
         raise ConfigError(f"{target} exists and was not made by `lookalike db install`: choose another --target")
     return target
+
+
+def _body_path(path: Path, option: str) -> Path:
+    """``path``, absolute, once it is safe to write into the routine bodies as a Python string literal."""
+    path = path.expanduser().absolute()
+    if not path.name or any(c in str(path) for c in "$'\"\\") or not str(path).isprintable():
+        raise ConfigError(f"{option} must be a plain folder path (no quotes, $ or backslashes): {path}")
+    return path
 
 
 def _check_server(conn) -> None:
@@ -445,15 +457,24 @@ def _remove_our_folder(path: Path) -> None:
     shutil.rmtree(path)
 
 
-def procedures_sql(target: Path) -> str:
-    """The text of ``sql/postgres/procedures.sql`` with the package folder filled in."""
+def procedures_sql(target: Path, store: Path) -> str:
+    """The text of ``sql/postgres/procedures.sql`` with the package folder and the image store filled in."""
     template = files("lookalike").joinpath("sql/postgres/procedures.sql").read_text()
-    return template.replace(PATH_PLACEHOLDER, json.dumps(str(target)))
+    return (template.replace(PATH_PLACEHOLDER, json.dumps(str(target)))
+            .replace(STORE_PLACEHOLDER, json.dumps(str(_body_path(store, "--store")))))
+
+
+def _installed_target(conn) -> str | None:
+    """The package folder written into the installed routines' bodies (not the settings row anyone may edit)."""
+    body = conn.execute(sa.text("SELECT prosrc FROM pg_proc WHERE pronamespace = to_regnamespace(:s) "
+                                "AND proname = 'hash_images'"), {"s": PG_SCHEMA}).scalar()
+    found = re.search(r'sys\.path\.insert\(0, ("[^"]*")\)', body or "")
+    return json.loads(found.group(1)) if found else None
 
 
 def _create_routines(db: Database, target: Path) -> list[str]:
     with db.begin() as conn:
-        _run_script(conn, "CREATE EXTENSION IF NOT EXISTS plpython3u;" + procedures_sql(target))
+        _run_script(conn, "CREATE EXTENSION IF NOT EXISTS plpython3u;" + procedures_sql(target, db.store.root))
         conn.execute(postgresql.insert(settings).values(key=PATH_SETTING, value=str(target))
                      .on_conflict_do_update(index_elements=["key"], set_={"value": str(target)}))
         return sorted({row.name for row in conn.execute(_ROUTINES, {"schema": PG_SCHEMA})})
@@ -501,8 +522,6 @@ def _prepare_data(db: Database, test_ratio: float | None, queries_per_label: int
     prepared = {"test_ratio": _required(test_ratio, "test_ratio"),
                 "queries_per_label": _required(queries_per_label, "queries_per_label"),
                 "negatives_per_query": _required(negatives_per_query, "negatives_per_query")}
-    if queries_per_label < 1 or negatives_per_query < 1:
-        raise ValueError("queries_per_label and negatives_per_query must be at least 1")
     lines = split_images(db, test_ratio=test_ratio, seed=SEED).lines()
     db.set_setting(PREPARED_SETTING, json.dumps(prepared, sort_keys=True))
     return lines + [f"evaluate_model and run_once will use: {queries_per_label} queries per label, "
@@ -524,11 +543,8 @@ def _evaluate_model(db: Database) -> list[str]:
 def _rank_candidates(db: Database, top_k: int | None) -> list[str]:
     from .pipeline import default_queries
     from .search import rank_queries
-    top_k = _required(top_k, "top_k")
-    if not 1 <= top_k <= 1000:
-        raise ValueError("top_k must be between 1 and 1000")
     default_queries(db)  # as `lookalike run`: with no queries given, the test split is ranked
-    return rank_queries(db, top=top_k).lines()
+    return rank_queries(db, top=_required(top_k, "top_k")).lines()
 
 
 def _run_once(db: Database, source: str | None) -> list[str]:
@@ -546,53 +562,124 @@ PROCEDURES: dict[str, Callable[..., list[str]]] = {
 }
 
 
-def call(plpy, routine: str, **params: Any) -> Exception | None:
-    """Run procedure ``routine`` with ``params`` inside the server.
+class ProcedureError(Exception):
+    """A refusal of the routine itself, with its SQLSTATE."""
+
+    def __init__(self, message: str, sqlstate: str):
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+def call(plpy, routine: str, store: str, **params: Any) -> Exception | None:
+    """Run procedure ``routine`` with ``params`` inside the server, on the image store ``store``.
 
     Returns None when it worked, else the exception for the routine body to
     raise (raised there, the error psql shows carries no traceback from here).
     NOTICEs: the start, progress while it runs, and the step's summary lines.
-    A cancel or terminate that comes while the step runs stops it as Ctrl-C
-    stops the CLI (see :class:`_Interrupts`); it takes effect once the step is out.
+
+    A step commits its own work, through its own connection back to the server,
+    so it runs only where a procedure may commit: a CALL on its own, not inside
+    BEGIN … COMMIT, where it could neither see the transaction's changes nor wait
+    for its locks without hanging. A cancel, terminate or statement_timeout that
+    comes while it runs stops it as Ctrl-C stops the CLI (:class:`_Watch`).
     """
+    try:
+        plpy.commit()  # ends the CALL's own, empty transaction; refused inside a transaction block
+    except plpy.SPIError as exc:
+        if getattr(exc, "sqlstate", None) != "2D000":  # invalid_transaction_termination
+            return _failure(plpy, routine, exc)
+        return _failure(plpy, routine, ProcedureError(
+            "CALL it as a statement of its own, outside BEGIN ... COMMIT: each step commits its own work "
+            "as it goes, through its own connection to the server", "25001"))  # active_sql_transaction
     shown = ", ".join(f"{name} => {_sql_literal(value)}" for name, value in params.items())
     plpy.notice(f"lookalike.{routine}({shown}): started")
     started = time.monotonic()
     interrupts = _Interrupts()
+    failure = None
     try:
-        with _notices(plpy, interrupts):
-            lines = PROCEDURES[routine](_server_database(plpy), **params)
+        _check_params(params)
+        with _notices(plpy, interrupts) as stream:
+            lines = _watched(interrupts, lambda: PROCEDURES[routine](_server_database(plpy, store), **params),
+                             noticed=lambda: stream.stopped)
     except KeyboardInterrupt:
         lines = [f"lookalike.{routine}: interrupted; what it committed is kept"]
     except Exception as exc:
-        with interrupts.held():
-            return _failure(plpy, routine, exc)
+        lines, failure = [], exc
     with interrupts.held():
         for line in lines:
             plpy.notice(line)
-        if not interrupts.pending():
+        if failure is None and not interrupts.pending():
             plpy.notice(f"lookalike.{routine}: done in {time.monotonic() - started:.1f} s")
+    return _outcome(plpy, routine, interrupts, failure)
+
+
+def similar(plpy, store: str, query: int | str | None, k: int | None) -> tuple[list[tuple], Exception | None]:
+    """Rows of ``similar_images`` (rank, image_id, label, distance, similarity, source), or the error to raise.
+
+    It reads through its own connection back to the server, so it refuses to run
+    in a transaction that has changed anything or holds locks beyond reading: it
+    could not see those changes, and would wait for those locks forever.
+    """
+    from .search import similar_images
+    interrupts = _Interrupts()
+    rows, failure = [], None
+    try:
+        if plpy.execute(_HOLDS_MORE_THAN_READS)[0]["holds"]:
+            raise ProcedureError("this transaction has uncommitted changes or locks, which the search cannot "
+                                 "see or would wait for (it reads through its own connection): commit first, "
+                                 "or ask in a transaction of its own", "25001")
+        _check_params({"query": query, "k": k})
+        matches = _watched(interrupts, lambda: similar_images(_server_database(plpy, store),
+                                                              _required(query, "query"), k=_required(k, "k")))
+        rows = [(m.rank, m.image_id, m.label, m.distance, m.similarity, m.source) for m in matches]
+    except KeyboardInterrupt:
+        failure = ProcedureError("interrupted", "57014")  # query_canceled, when the server says no more
+    except Exception as exc:
+        failure = exc
+    return rows, _outcome(plpy, "similar_images", interrupts, failure)
+
+
+# Whether this transaction has written (it has an xid) or holds a relation lock stronger than reading's.
+_HOLDS_MORE_THAN_READS = ("SELECT pg_current_xact_id_if_assigned() IS NOT NULL OR EXISTS (SELECT FROM pg_locks "
+                          "WHERE pid = pg_backend_pid() AND locktype = 'relation' AND mode <> 'AccessShareLock') "
+                          "AS holds")
+
+
+def _outcome(plpy, routine: str, interrupts: _Interrupts, failure: Exception | None) -> Exception | None:
+    """The error to raise: the server's own when a cancel, terminate or timeout is pending, else ``failure``."""
     try:
         plpy.execute("SELECT 1")  # where the server acts on a cancel or terminate held off so far
     except plpy.SPIError as exc:
         return _failure(plpy, routine, exc)
-    return None
+    if failure is None:
+        return None
+    with interrupts.held():
+        return _failure(plpy, routine, failure)
 
 
-def similar(plpy, query: int | str | None, k: int | None) -> tuple[list[tuple], Exception | None]:
-    """Rows of ``similar_images`` (rank, image_id, label, distance, similarity, source), or the error to raise."""
-    from .search import similar_images
-    try:
-        matches = similar_images(_server_database(plpy), _required(query, "query"), k=_required(k, "k"))
-    except Exception as exc:
-        return [], _failure(plpy, "similar_images", exc)
-    return [(m.rank, m.image_id, m.label, m.distance, m.similarity, m.source) for m in matches], None
+def _check_params(params: dict[str, Any]) -> None:
+    """Refuse, before anything runs, a parameter out of its bounds (:data:`BOUNDS`) or a text too long."""
+    for name, value in params.items():
+        if value is None:
+            continue  # NULL: the step's default, or its own "must not be NULL"
+        if name in BOUNDS:
+            low, high = BOUNDS[name]
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"{name} must be between {low} and {high}, not {value!r}")
+        elif name == "test_ratio":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+                raise ValueError(f"test_ratio must be between 0 and 1 (exclusive), not {value!r}")
+        elif isinstance(value, str) and len(value) > TEXT_LIMIT:
+            raise ValueError(f"{name} must be at most {TEXT_LIMIT} characters, not {len(value)}")
 
 
 def _sql_literal(value: Any) -> str:
     if value is None:
         return "NULL"
-    return "'" + value.replace("'", "''") + "'" if isinstance(value, str) else str(value)
+    if not isinstance(value, str):
+        return str(value)
+    shown = value if len(value) <= 200 else value[:200] + "…"  # a NOTICE, not a copy of any text given
+    return "'" + shown.replace("'", "''") + "'"
 
 
 def _required(value: Any, name: str) -> Any:
@@ -602,34 +689,48 @@ def _required(value: Any, name: str) -> Any:
 
 
 def _prepared(db: Database) -> dict[str, Any]:
-    """The parameters prepare_data remembered, else the defaults."""
+    """The parameters prepare_data remembered, else the defaults; checked again, as any role may edit settings."""
     recorded = db.setting(PREPARED_SETTING)
-    return {**PREPARED_DEFAULTS, **(json.loads(recorded) if recorded else {})}
+    try:
+        prepared = {**PREPARED_DEFAULTS, **(json.loads(recorded) if recorded else {})}
+    except (ValueError, TypeError):
+        raise ValueError(f"settings key {PREPARED_SETTING} is not a JSON object: run prepare_data again") from None
+    _check_params({name: prepared[name] for name in PREPARED_DEFAULTS})
+    return prepared
 
 
-_databases: dict[str, Database] = {}  # per backend: one loopback engine per role and database
+_databases: dict[tuple[str, str], Database] = {}  # per backend: one loopback engine per role, database and store
+_connections: weakref.WeakSet = weakref.WeakSet()  # every connection back, for cancelling what it waits on
 
 
-def _server_database(plpy) -> Database:
+def _server_database(plpy, store: str) -> Database:
     """The lookalike database this backend serves, reached again over the server's unix socket.
 
     Same database, same role (``current_user``): libpq authentication applies
-    as for any local client, and no credential is ever stored.
+    as for any local client, and no credential is ever stored. The image store
+    is the one install wrote into the routine bodies, never the settings table,
+    which roles with the README's grants may edit.
     """
     socket_dir, port = _server_address()
     row = plpy.execute("SELECT current_database() AS database, current_user AS role")[0]
     url = sa.engine.URL.create("postgresql+psycopg", username=row["role"], database=row["database"],
                                query={"host": socket_dir, "port": port, "application_name": "lookalike procedure"})
-    key = url.render_as_string(hide_password=False)
+    key = (url.render_as_string(hide_password=False), store)
     if key not in _databases:
+        if not sa.event.contains(sa.pool.Pool, "connect", _remember_connection):
+            sa.event.listen(sa.pool.Pool, "connect", _remember_connection)
         try:
-            _databases[key] = Database(key)
+            _databases[key] = Database(key[0], store)
         except ConfigError as exc:
             reason = str(exc).split(": ", 1)[-1]  # without the URL
             raise ConfigError(f"the procedure cannot connect back to database {row['database']} as role "
                               f"{row['role']} ({reason}); the server's OS user must be able to log in as it "
                               f"over the unix socket: peer map or trust in pg_hba.conf, or ~/.pgpass") from None
     return _databases[key]
+
+
+def _remember_connection(dbapi_connection, _record) -> None:
+    _connections.add(dbapi_connection)
 
 
 def _server_address() -> tuple[str, str]:
@@ -653,6 +754,8 @@ def _failure(plpy, routine: str, exc: Exception) -> Exception:
     if isinstance(exc, plpy.SPIError) or type(exc) is plpy.Error:
         # From the server itself, e.g. "canceling statement due to user request".
         message, sqlstate = str(exc), getattr(exc, "sqlstate", None) or "XX000"
+    elif isinstance(exc, ProcedureError):
+        message, sqlstate = str(exc), exc.sqlstate
     elif isinstance(exc, sa.exc.DBAPIError) and getattr(exc.orig, "sqlstate", None):
         # The server's answer on the connection back, e.g. "permission denied for table images".
         message, sqlstate = _first_line(exc), exc.orig.sqlstate
@@ -696,6 +799,85 @@ class _Interrupts:
             yield
         finally:
             self.holdoff.value -= 1
+
+
+class _Watch:
+    """While a step runs, a thread that makes a pending cancel, terminate or statement_timeout stop it.
+
+    A step sees a pending interrupt when it writes progress (:class:`_NoticeStream`),
+    at the end of a batch; one that computes or waits without writing would run
+    on. So when the step has not stopped STOP_GRACE_SECONDS after the interrupt
+    came, the thread raises KeyboardInterrupt once in the backend's main thread,
+    at its next Python line, as Ctrl-C does in the CLI; if the step is still
+    running CANCEL_GRACE_SECONDS later, it is waiting on its connections back
+    (for a lock, say), and the thread cancels what they run, again every grace period.
+    A step that ``noticed()`` the interrupt itself is stopping already: it gets no
+    KeyboardInterrupt in the middle of keeping its work.
+    """
+
+    def __init__(self, interrupts: _Interrupts, noticed: Callable[[], bool]):
+        self.interrupts, self.noticed = interrupts, noticed
+        self.main = ctypes.c_ulong(threading.main_thread().ident)
+        self.done = threading.Event()
+        self.lock = threading.Lock()  # held while raising, so nothing is raised once done is set
+        self.thread = threading.Thread(target=self._run, name="lookalike-watch", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.lock:
+            self.done.set()
+        if self.thread.is_alive():
+            self.thread.join()
+        # Raised but not yet delivered: dropped; the server acts on the pending interrupt itself.
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(self.main, None)
+
+    def _run(self) -> None:
+        came = raised = None  # when the interrupt came; when KeyboardInterrupt was raised (or queries cancelled)
+        while not self.done.wait(WATCH_SECONDS):
+            if not self.interrupts.pending():
+                continue
+            now = time.monotonic()
+            came = came or now
+            if raised is None and now - came >= STOP_GRACE_SECONDS:
+                with self.lock:
+                    if self.done.is_set():
+                        return
+                    if not self.noticed():
+                        ctypes.pythonapi.PyThreadState_SetAsyncExc(self.main, ctypes.py_object(KeyboardInterrupt))
+                raised = now
+            elif raised is not None and now - raised >= CANCEL_GRACE_SECONDS:
+                for connection in list(_connections):
+                    try:
+                        connection.cancel_safe(timeout=CANCEL_GRACE_SECONDS)
+                    except Exception:  # closed meanwhile, or the server is going away
+                        pass
+                raised = time.monotonic()
+
+
+def _watched(interrupts: _Interrupts, step: Callable[[], Any], noticed: Callable[[], bool] = lambda: False) -> Any:
+    """``step()`` under a :class:`_Watch`; its one KeyboardInterrupt may land anywhere, even in ``stop``."""
+    watch = _Watch(interrupts, noticed)
+    try:
+        watch.start()
+        return step()
+    except KeyboardInterrupt:
+        _forget_databases()  # it may have landed inside a connection's work
+        raise
+    finally:
+        try:
+            watch.stop()
+        except KeyboardInterrupt:
+            watch.stop()
+            _forget_databases()
+            raise
+
+
+def _forget_databases() -> None:
+    for db in _databases.values():
+        db.close()
+    _databases.clear()
 
 
 class _NoticeStream(io.TextIOBase):

@@ -7,11 +7,14 @@ photos on light backgrounds, with folds, soft shading and a drop shadow. The
 three labels share one colour palette and vary strongly in scale and angle,
 so a classifier must look at the pattern, not at the mean colour.
 
-A share of the originals also gets planted near-copies (resized, re-compressed,
-cropped, brightened or darkened, or re-encoded as PNG) whose pairs are written
-to ``ground_truth.csv``; copies are saved as JPEG quality 90 unless their
-transform says ``jpeg:qNN`` or ``png``. Everything is derived from the seed:
-the same seed writes byte-identical files, whatever the thread scheduling.
+A share of the originals also gets planted near-copies, each made by one to
+three of the copy transforms in :data:`COPY_OPS` (mirrored, cropped by 5–30 %,
+rotated by 1–5°, squashed, resized, framed or padded, brightened and
+contrasted, grey, blurred, captioned or watermarked, re-compressed, or
+re-encoded as PNG), whose pairs are written to ``ground_truth.csv``; copies are
+saved as JPEG quality 90 unless their transform says ``jpeg:qNN`` or ``png``.
+Everything is derived from the seed: the same seed writes byte-identical
+files, whatever the thread scheduling.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 from tqdm import tqdm
 
 from .images import open_image
@@ -601,37 +604,145 @@ def _jpeg(image: Image.Image, quality: int) -> bytes:
     return buffer.getvalue()
 
 
-def _near_copy(original: bytes, rng: np.random.Generator) -> tuple[bytes, str, str]:
-    """A transformed copy of ``original``: (encoded bytes, file extension, transform string)."""
-    image = open_image(original)
-    ops = list(rng.choice(("crop", "resize", "brighten", "jpeg", "png"), size=int(rng.choice((1, 2, 2, 3))),
-                          replace=False, p=(0.25, 0.3, 0.2, 0.19, 0.06)))
-    if "jpeg" in ops and "png" in ops:
-        ops.remove("png")
+# Copy transforms, in the order copy_image applies them. Each is recorded as ``op`` or ``op:parameter``
+# ("light" as ``brightness:B+contrast:C``), joined by "+" in ground_truth.csv's transform column.
+COPY_OPS = ("mirror", "crop", "rotate", "squash", "resize", "border", "pad", "light", "blur", "text", "watermark",
+            "grey", "jpeg", "png")
+# How often the sample set uses each (same order); a copy gets one to three of them.
+_SAMPLE_OP_WEIGHTS = (0.10, 0.12, 0.08, 0.06, 0.14, 0.05, 0.04, 0.10, 0.05, 0.05, 0.04, 0.05, 0.09, 0.03)
+_CAPTIONS = ("SALE -30%", "© studio photo", "NEW IN", "shop.example", "limited edition", "#outfit of the day")
+_WATERMARKS = ("SAMPLE", "PREVIEW", "© lookalike", "PROOF")
+_FRAME_COLOURS = ((255, 255, 255), (0, 0, 0), (128, 128, 128), (240, 236, 228))
+
+
+def _scaled(image: Image.Image, factor_w: float, factor_h: float) -> Image.Image:
+    size = (max(1, round(image.width * factor_w)), max(1, round(image.height * factor_h)))
+    return image.resize(size, Image.Resampling.LANCZOS)
+
+
+def _crop(image: Image.Image, share: float, rng: np.random.Generator) -> Image.Image:
+    """Keep ``1 - share`` of the width and of the height, at a random place."""
+    w, h = image.size
+    cw, ch = round(w * (1 - share)), round(h * (1 - share))
+    left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    return image.crop((left, top, left + cw, top + ch))
+
+
+def rotated_inner_box(width: int, height: int, degrees: float) -> tuple[int, int, int, int]:
+    """The largest centred box, of the image's aspect, that a rotation by ``degrees`` leaves without empty corners."""
+    a = math.radians(abs(degrees))
+    s = min(width / (width * math.cos(a) + height * math.sin(a)),
+            height / (width * math.sin(a) + height * math.cos(a)))
+    w, h = int(width * s), int(height * s)
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=max(10, size))
+
+
+def _text(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A caption in a corner, white with a dark outline, as shops and reposts add."""
+    out = image.copy()
+    draw = ImageDraw.Draw(out)
+    size = round(min(image.size) * rng.uniform(0.06, 0.1))
+    font, stroke = _font(size), max(1, size // 12)
+    caption = _CAPTIONS[int(rng.integers(len(_CAPTIONS)))]
+    right, bottom = draw.textbbox((0, 0), caption, font=font, stroke_width=stroke)[2:]
+    x = int(rng.choice((size // 2, image.width - right - size // 2)))
+    y = int(rng.choice((size // 2, image.height - bottom - size // 2)))
+    draw.text((max(0, x), max(0, y)), caption, font=font, fill=(255, 255, 255), stroke_width=stroke,
+              stroke_fill=(20, 20, 20))
+    return out
+
+
+def _watermark(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A large half-transparent word across the middle, turned by up to 35°, light on dark images and dark on light."""
+    font = _font(round(min(image.size) * rng.uniform(0.12, 0.2)))
+    word = _WATERMARKS[int(rng.integers(len(_WATERMARKS)))]
+    layer = Image.new("RGBA", image.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    right, bottom = draw.textbbox((0, 0), word, font=font)[2:]
+    draw.text(((image.width - right) / 2, (image.height - bottom) / 2), word, font=font,
+              fill=(*((255,) * 3 if np.asarray(image.convert("L")).mean() < 128 else (0,) * 3),
+                    int(rng.integers(80, 150))))
+    layer = layer.rotate(float(rng.uniform(-35, 35)), Image.Resampling.BICUBIC)
+    return Image.alpha_composite(image.convert("RGBA"), layer).convert("RGB")
+
+
+def copy_image(image: Image.Image, ops: list[str] | tuple[str, ...],
+               rng: np.random.Generator) -> tuple[bytes, str, str]:
+    """A copy of ``image`` made by ``ops`` (names from :data:`COPY_OPS`, applied in that order), parameters
+    drawn from ``rng``: (encoded bytes, file extension, transform string). JPEG quality
+    :data:`COPY_QUALITY` unless ``jpeg`` names one; ``png`` saves losslessly."""
+    unknown = set(ops) - set(COPY_OPS)
+    if unknown:
+        raise ValueError(f"unknown copy transform(s): {', '.join(sorted(unknown))}")
     steps = []
-    if "crop" in ops:
-        share = round(float(rng.uniform(0.02, 0.05)), 2)
-        w, h = image.size
-        left, top = rng.uniform(0, share) * w, rng.uniform(0, share) * h
-        image = image.crop((round(left), round(top), round(left + w * (1 - share)), round(top + h * (1 - share))))
-        steps.append(f"crop:{share:.2f}")
-    if "resize" in ops:
-        factor = round(float(rng.uniform(0.45, 0.85)), 2)
-        image = image.resize((round(image.width * factor), round(image.height * factor)),
-                             Image.Resampling.LANCZOS)
-        steps.append(f"resize:{factor:.2f}")
-    if "brighten" in ops:
-        factor = round(float(rng.choice((rng.uniform(0.75, 0.9), rng.uniform(1.1, 1.3)))), 2)
-        image = ImageEnhance.Brightness(image).enhance(factor)
-        steps.append(f"brighten:{factor:.2f}")
+    for op in sorted(set(ops), key=COPY_OPS.index):
+        if op == "mirror":
+            image = ImageOps.mirror(image)
+            steps.append("mirror")
+        elif op == "crop":
+            share = round(float(rng.uniform(0.05, 0.30)), 2)
+            image = _crop(image, share, rng)
+            steps.append(f"crop:{share:.2f}")
+        elif op == "rotate":
+            degrees = round(float(rng.uniform(1, 5) * rng.choice((-1, 1))), 1)
+            box = rotated_inner_box(image.width, image.height, degrees)
+            image = image.rotate(degrees, Image.Resampling.BICUBIC).crop(box)
+            steps.append(f"rotate:{degrees:.1f}")
+        elif op == "squash":  # the width (x) or the height (y) scaled by 0.8–0.9 or 1.1–1.2
+            factor = round(1 + float(rng.choice((-1, 1)) * rng.uniform(0.1, 0.2)), 2)
+            axis = "x" if rng.random() < 0.5 else "y"
+            image = _scaled(image, factor, 1) if axis == "x" else _scaled(image, 1, factor)
+            steps.append(f"squash:{axis}{factor:.2f}")
+        elif op == "resize":
+            factor = round(float(rng.uniform(0.3, 0.8)), 2)
+            image = _scaled(image, factor, factor)
+            steps.append(f"resize:{factor:.2f}")
+        elif op == "border":
+            width = max(2, round(min(image.size) * rng.uniform(0.03, 0.1)))
+            image = ImageOps.expand(image, width, _FRAME_COLOURS[int(rng.integers(len(_FRAME_COLOURS)))])
+            steps.append(f"border:{width}")
+        elif op == "pad":  # letterboxed to a square
+            side = max(image.size)
+            image = ImageOps.pad(image, (side, side), color=_FRAME_COLOURS[int(rng.integers(len(_FRAME_COLOURS)))])
+            steps.append("pad")
+        elif op == "light":
+            bright = round(float(rng.choice((rng.uniform(0.7, 0.9), rng.uniform(1.1, 1.3)))), 2)
+            contrast = round(float(rng.uniform(0.7, 1.3)), 2)
+            image = ImageEnhance.Contrast(ImageEnhance.Brightness(image).enhance(bright)).enhance(contrast)
+            steps.append(f"brightness:{bright:.2f}+contrast:{contrast:.2f}")
+        elif op == "grey":
+            image = image.convert("L")
+            steps.append("grey")
+        elif op == "blur":
+            radius = round(float(rng.uniform(1.0, 3.0) * max(1.0, max(image.size) / 800)), 1)
+            image = image.filter(ImageFilter.GaussianBlur(radius))
+            steps.append(f"blur:{radius:.1f}")
+        elif op in ("text", "watermark"):
+            image = (_text if op == "text" else _watermark)(image, rng)
+            steps.append(op)
     if "png" in ops:
         buffer = io.BytesIO()
         image.save(buffer, "PNG")
         return buffer.getvalue(), "png", "+".join(steps + ["png"])
-    quality = int(rng.integers(20, 51)) if "jpeg" in ops else COPY_QUALITY
+    quality = int(rng.integers(15, 91)) if "jpeg" in ops else COPY_QUALITY
     if "jpeg" in ops:
         steps.append(f"jpeg:q{quality}")
     return _jpeg(image, quality), "jpg", "+".join(steps)
+
+
+def _near_copy(original: bytes, rng: np.random.Generator) -> tuple[bytes, str, str]:
+    """A transformed copy of ``original`` with one to three transforms: (encoded bytes, extension, transform)."""
+    ops = set(rng.choice(COPY_OPS, size=int(rng.choice((1, 2, 2, 3))), replace=False, p=_SAMPLE_OP_WEIGHTS))
+    if {"jpeg", "png"} <= ops:
+        ops.discard("png")
+    if {"border", "pad"} <= ops:
+        ops.discard("pad")
+    return copy_image(open_image(original), sorted(ops, key=COPY_OPS.index), rng)
 
 
 # --------------------------------------------------------------------------- the set
@@ -651,8 +762,14 @@ def _render_one(root: Path, label: str, number: int, seed: int, copies: int) -> 
     name = f"{label}/{label}_{number:04d}"
     (root / f"{name}.jpg").write_bytes(original)
     rows = [(f"{name}.jpg", "", "")]
+    written = {original}
     for k in range(1, copies + 1):
         data, ext, transform = _near_copy(original, copy_rng)
+        for _ in range(8):  # two copies with the same parameter-free transform would be one file twice
+            if data not in written:
+                break
+            data, ext, transform = _near_copy(original, copy_rng)
+        written.add(data)
         (root / f"{name}_copy{k}.{ext}").write_bytes(data)
         rows.append((f"{name}_copy{k}.{ext}", f"{name}.jpg", transform))
     return rows

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from .db import (Database, embeddings, images, now, query_images, ranking_results, recorded_run, scores,
                  vector_from_bytes)
 from .features import DEFAULT_BACKBONE, latest_feature_model, load_embeddings
-from .images import open_image
+from .images import QUERY_MAX_PIXELS, open_image
 from .ingest import FetchError, FetchLimits, fetch, make_client
 from .store import sha256_hex
 from .vectors import build_index
@@ -165,7 +165,8 @@ def query_vector(db: Database, coll: Collection, data: bytes) -> tuple[np.ndarra
     if stored_id is not None:
         return coll.stored_vector(stored_id), stored_id
     from .backbones import load_backbone
-    embedding = load_backbone(coll.backbone).embed([open_image(data)])  # ImageError says why it can't
+    # Within the query budget: a query is anyone's upload. ImageError says why it can't be used.
+    embedding = load_backbone(coll.backbone).embed([open_image(data, max_pixels=QUERY_MAX_PIXELS)])
     if coll.space == "embeddings":
         return embedding[0], None
     from .classify import load_classifier

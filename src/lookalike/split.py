@@ -33,6 +33,7 @@ class SplitSummary:
     per_label: tuple[tuple[str, int, int], ...]  # (label, train, test), by label
     unlabelled: int       # unique ok images left out for having no label
     duplicates: int       # ok images left out as non-keepers of the latest dedupe run
+    duplicates_by_label: tuple[tuple[str, int], ...] = ()  # (label, duplicates left out); "" is no label
 
     @property
     def train(self) -> int:
@@ -44,10 +45,18 @@ class SplitSummary:
 
     def lines(self) -> list[str]:
         out = [f"split (seed {self.seed}, test ratio {self.test_ratio:g}): "
-               f"{self.train} train, {self.test} test, {len(self.per_label)} labels"]
-        if self.per_label:
-            out.append(f"  {'label':<20} {'train':>7} {'test':>7}")
-            out += [f"  {label:<20} {train:>7} {test:>7}" for label, train, test in self.per_label]
+               f"{self.train} train, {self.test} test, {len(self.per_label)} labels, "
+               f"{self.duplicates} duplicates left out"]
+        split = {label: (train, test) for label, train, test in self.per_label}
+        lost = dict(self.duplicates_by_label)
+        # A label whose every image is a duplicate (its keeper has another label) still gets its row.
+        labels = sorted(set(split) | set(lost) - {""}) + ([""] if lost.get("") else [])
+        if labels:
+            out.append(f"  {'label':<20} {'train':>7} {'test':>7} {'duplicates left out':>20}")
+            for label in labels:
+                train, test = split.get(label, (0, 0))
+                out.append(f"  {label or '(no label)':<20} {train:>7} {test:>7} {lost.get(label, 0):>20}")
+            out.append(f"  {'total':<20} {self.train:>7} {self.test:>7} {self.duplicates:>20}")
         if self.unlabelled:
             out.append(f"  left out: {self.unlabelled} images without a label")
         if self.duplicates:
@@ -55,11 +64,25 @@ class SplitSummary:
         return out
 
 
+def latest_dedupe_run() -> sa.ScalarSelect:
+    """Id of the dedupe run whose groups decide what is a duplicate: the latest (NULL before any)."""
+    return sa.select(sa.func.max(dedupe_runs.c.id)).scalar_subquery()
+
+
+def duplicates_by_label(conn: Connection) -> dict[str, int]:
+    """Ok images each label lost to the latest dedupe run (non-keepers), by label; "" is no label."""
+    rows = conn.execute(sa.select(images.c.label, sa.func.count()).where(
+        images.c.status == "ok", images.c.id.in_(non_keepers())).group_by(images.c.label)).all()
+    out: dict[str, int] = defaultdict(int)
+    for label, n in rows:
+        out[label or ""] += n
+    return dict(sorted(out.items()))
+
+
 def non_keepers() -> sa.Select:
     """Ids of the images the latest dedupe run marked as duplicates (none before any dedupe)."""
-    latest_run = sa.select(sa.func.max(dedupe_runs.c.id)).scalar_subquery()
     return sa.select(duplicate_groups.c.image_id).where(
-        duplicate_groups.c.run_id == latest_run, duplicate_groups.c.is_keeper == sa.false())
+        duplicate_groups.c.run_id == latest_dedupe_run(), duplicate_groups.c.is_keeper == sa.false())
 
 
 def is_unique_image() -> sa.ColumnElement[bool]:
@@ -98,8 +121,7 @@ def split_images(db: Database, *, test_ratio: float = DEFAULT_TEST_RATIO, seed: 
         with db.begin() as conn:
             rows = conn.execute(sa.select(images.c.id, images.c.sha256, images.c.label)
                                 .where(is_unique_image())).all()
-            duplicates = conn.execute(sa.select(sa.func.count()).select_from(images).where(
-                images.c.status == "ok", images.c.id.in_(non_keepers()))).scalar_one()
+            lost = duplicates_by_label(conn)
             by_label: dict[str, list[tuple[float, str, int]]] = defaultdict(list)
             unlabelled = 0
             for image_id, sha, label in rows:
@@ -120,7 +142,8 @@ def split_images(db: Database, *, test_ratio: float = DEFAULT_TEST_RATIO, seed: 
             conn.execute(sa.delete(splits))
             if new_rows:
                 conn.execute(sa.insert(splits), new_rows)
-        summary = SplitSummary(seed, test_ratio, tuple(per_label), unlabelled, duplicates)
-        counts.update(train=summary.train, test=summary.test, labels=len(per_label),
-                      unlabelled=unlabelled, duplicates=duplicates)
+        summary = SplitSummary(seed, test_ratio, tuple(per_label), unlabelled, sum(lost.values()),
+                               tuple(lost.items()))
+        counts.update(train=summary.train, test=summary.test, labels=len(per_label), unlabelled=unlabelled,
+                      duplicates=summary.duplicates, duplicates_by_label=lost)
     return summary

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
 from .db import Database, embeddings, feature_models, hashed_images, image_sources, images, runs, splits
+from .split import duplicates_by_label, latest_dedupe_run
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,8 @@ class CollectionStatus:
     embedded: list[tuple[str, int]] = ()         # (feature model, images with an embedding)
     split: list[tuple[str, int]] = ()            # (train | test, images)
     last_runs: list[tuple[str, str, str, float]] = ()  # (step, outcome, started, seconds), latest per step
+    duplicates: dict[str, int] = field(default_factory=dict)  # label ("" none) -> ok images the dedupe left out
+    dedupe_run: int | None = None                # the dedupe run that decides duplicates (None before any)
 
     def lines(self) -> list[str]:
         out = [f"database: {self.database}", f"store:    {self.store}"]
@@ -26,15 +29,22 @@ class CollectionStatus:
             out.append("no images loaded yet")
         totals: dict[str, int] = {}
         labels = sorted({label or "" for label, _, _ in self.by_label})
+        # unique: the ok images the latest dedupe run keeps; duplicates: the ok images it leaves out.
+        row = "{:<20} {:>8} {:>8} {:>8} {:>11}".format
         if labels:
-            out.append(f"{'label':<20} {'ok':>8} {'failed':>8}")
+            out.append(row("label", "ok", "failed", "unique", "duplicates"))
         for label in labels:
             counts = {status: n for lab, status, n in self.by_label if (lab or "") == label}
-            out.append(f"{label or '(none)':<20} {counts.get('ok', 0):>8} {counts.get('failed', 0):>8}")
+            lost = self.duplicates.get(label, 0)
+            out.append(row(label or "(none)", counts.get("ok", 0), counts.get("failed", 0),
+                           counts.get("ok", 0) - lost, lost))
             for status, n in counts.items():
                 totals[status] = totals.get(status, 0) + n
         if labels:
-            out.append(f"{'total':<20} {totals.get('ok', 0):>8} {totals.get('failed', 0):>8}")
+            lost = sum(self.duplicates.values())
+            out.append(row("total", totals.get("ok", 0), totals.get("failed", 0), totals.get("ok", 0) - lost, lost))
+            out.append(f"duplicates: left out by dedupe run {self.dedupe_run}, the latest" if self.dedupe_run
+                       else "duplicates: none (no dedupe run yet)")
         for reason, n in self.fetch_failures:
             out.append(f"not fetched: {n:>5}  {reason}")
         if self.by_label:
@@ -72,8 +82,10 @@ def collection_status(db: Database) -> CollectionStatus:
         latest = sa.select(sa.func.max(runs.c.id)).group_by(runs.c.step)
         last_runs = conn.execute(sa.select(runs.c.step, runs.c.outcome, runs.c.started_at, runs.c.seconds)
                                  .where(runs.c.id.in_(latest)).order_by(runs.c.id)).all()
+        duplicates = duplicates_by_label(conn)
+        dedupe_run = conn.execute(sa.select(latest_dedupe_run())).scalar()
     return CollectionStatus(db.masked_url, str(db.store.root),
                             [tuple(r) for r in by_label], [tuple(r) for r in failures], hashed,
                             [tuple(r) for r in embedded], [tuple(r) for r in split],
                             [(step, outcome, f"{started:%Y-%m-%d %H:%M:%S}", seconds)
-                             for step, outcome, started, seconds in last_runs])
+                             for step, outcome, started, seconds in last_runs], duplicates, dedupe_run)

@@ -12,6 +12,8 @@ Routes (GET only):
 - ``/huge-nolength``       100 MiB of zeros without Content-Length
 - ``/trickle``             Content-Length 1000, one byte every 0.5 s
 - ``/hang``                accepts the request, never answers
+- ``/echo-host``           200 with the request's Host header as the body
+- ``/slow-headers``        a 200 whose header block arrives one byte every 0.5 s (for up to 60 s)
 
 ``hits[path]`` counts requests per path. Every slow route gives up when the
 client disconnects, when the server closes, or at a fixed bound, so closing the
@@ -34,6 +36,7 @@ TRICKLE_INTERVAL_S = 0.5
 CHUNK = b"\0" * 65536
 ENDLESS_LIMIT = 4 * 1024**3  # bytes; bounds /endless if a client never hangs up
 HANG_LIMIT_S = 300.0         # bounds /hang if the server is never closed
+SLOW_HEADER_BYTES = 120      # /slow-headers: 120 bytes at 0.5 s each, so a minute of headers
 MAX_REDIRECTS = 100
 HTML_PAGE = (b"<!DOCTYPE html>\n<html><head><title>Not found</title></head>"
              b"<body><p>This is not the image you asked for.</p></body></html>\n")
@@ -85,6 +88,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self._stream(None, HUGE_SIZE)
             elif route == "trickle":
                 self._trickle()
+            elif route == "echo-host":
+                self._reply(200, (self.headers.get("Host") or "").encode(), "text/plain")
+            elif route == "slow-headers":
+                self._slow_headers()
             elif route == "hang":
                 owner._closing.wait(HANG_LIMIT_S)
                 self.close_connection = True
@@ -143,6 +150,17 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"x")
             if self.server.owner._closing.wait(TRICKLE_INTERVAL_S):
                 raise _ServerClosing
+        self.close_connection = True
+
+    def _slow_headers(self) -> None:
+        # Every byte comes well within a read timeout, so only a deadline on the whole request stops it.
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        for _ in range(SLOW_HEADER_BYTES):
+            self.wfile.write(b"x")
+            self.wfile.flush()
+            if self.server.owner._closing.wait(TRICKLE_INTERVAL_S):
+                raise _ServerClosing
+        self.wfile.write(b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
         self.close_connection = True
 
     def _check_open(self) -> None:

@@ -16,30 +16,34 @@ Safety rules, all enforced here:
 - responses and logs never carry the database URL, and logged URLs lose their query strings.
 
 The vector index (``search.collection``) and the backbone are loaded once at
-start-up and shared by every request; request handlers run in a thread pool.
+start-up and shared by every request. Request handlers run in a thread pool;
+URL fetches and image decodes run on small pools of their own (``_Pool``), so
+that neither slow servers nor big images can hold the threads the rest answer on.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
-import ipaddress
+import hashlib
 import logging
 import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-import httpx
 import numpy as np
 import sqlalchemy as sa
 from fastapi import FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -51,9 +55,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..config import mask_secrets
-from ..db import Database, dedupe_runs, embeddings, evaluation_results, evaluations, feature_models, images
+from ..db import (Database, dedupe_runs, embeddings, evaluation_results, evaluations, feature_models, hashed_images,
+                  images, runs)
 from ..images import ImageError, thumbnail_jpeg
-from ..ingest import FetchError, FetchLimits, fetch, make_client
+from ..ingest import FetchError, FetchLimits, Refused, fetch, make_client
 from ..search import Match, collection, similar_images
 from ..store import sha256_hex
 
@@ -73,15 +78,27 @@ PAGE_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 'self'; scri
                "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 Space = Literal["embeddings", "scores"]
 KParam = Annotated[int, Query(ge=1, le=MAX_K, description="how many similar images")]
+MAX_ID = 2**63 - 1  # ids are signed 64-bit integers in every database we run on
+ImageIdParam = Annotated[int, PathParam(ge=1, le=MAX_ID, description="id of a stored image")]
+RunIdParam = Annotated[int | None, Query(ge=1, le=MAX_ID, description="id of a dedupe run (default: the latest)")]
+# URL fetches and image decodes run on worker threads of their own, a few at a time, so that
+# slow servers and big images never hold the threads health and pages answer on. Each decode
+# is capped at images.QUERY_MAX_PIXELS, so decoding never holds more than two of those at once.
+FETCH_WORKERS = 4          # URL queries fetching at once
+DECODE_WORKERS = 2         # decodes at once: queries (decode and embed) and thumbnails; CPU bound
+QUEUE_WAIT_S = 5.0         # the longest a query waits for a worker before it is turned away (503)
+REQUEST_DEADLINE_S = 30.0  # the longest a query may take, waiting, fetching and searching included
+RETRY_AFTER_S = 5          # what a 503 tells the client to wait
 
 
 class ApiError(Exception):
     """A request that cannot be served: answered as ``{"error": message}`` with HTTP ``status``."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
 
 
 # ---------------------------------------------------------------- API models (they make /docs)
@@ -91,7 +108,7 @@ class SimilarRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     url: str | None = Field(None, description="http(s) URL of an image", examples=["https://example.com/shirt.jpg"])
-    id: int | None = Field(None, description="id of a stored image", examples=[123])
+    id: int | None = Field(None, ge=1, le=MAX_ID, description="id of a stored image", examples=[123])
     k: int = Field(DEFAULT_K, ge=1, le=MAX_K, description="how many similar images")
     space: Space = Field("embeddings", description="embeddings (CNN vectors) or scores (classifier classes)")
 
@@ -180,7 +197,7 @@ class Error(BaseModel):
     error: str
 
 
-ERRORS = {status: {"model": Error} for status in (404, 409, 413, 415, 422, 502)}
+ERRORS = {status: {"model": Error} for status in (404, 409, 413, 415, 422, 502, 503, 504)}
 
 
 # ---------------------------------------------------------------- searching
@@ -194,43 +211,26 @@ class Outcome:
     data: bytes | None = None   # the query's bytes, for an upload or a URL
 
 
-class _Refused(Exception):
-    pass
-
-
-def _refuse_private(request: httpx.Request) -> None:
-    """httpx request hook: refuse hosts that resolve to loopback, private or otherwise non-public addresses."""
-    host = request.url.host
-    try:
-        infos = socket.getaddrinfo(host, request.url.port or 80, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError):
-        return  # the connection will fail and say why
-    for *_, sockaddr in infos:
-        address = ipaddress.ip_address(sockaddr[0].split("%")[0])
-        if not address.is_global:
-            raise _Refused(f"refused: {host} is a {'loopback' if address.is_loopback else 'non-public'} "
-                           "address, and this server fetches public URLs only")
-
-
 def fetch_url(url: str, limits: FetchLimits, *, allow_private: bool = False) -> bytes:
     """The bytes at an http(s) URL, within the load step's ``limits``; ApiError otherwise.
 
     Never reads local files (``file://`` or a bare path), which the load step would.
+    Private addresses are refused by the client itself, at every connection it makes
+    (redirects too), against the address it then connects to.
     """
-    parts = urlsplit(url.strip())
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise ApiError(400, "only http:// and https:// URLs can be fetched")
-    with make_client(limits, 1) as client:
-        if not allow_private:
-            client.event_hooks = {"request": [_refuse_private]}  # runs for every redirect too
+    try:
+        parts = urlsplit(url.strip())
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise ApiError(400, "only http:// and https:// URLs can be fetched")
+    except ValueError:  # e.g. an unclosed [IPv6
+        raise ApiError(400, "not a valid URL") from None
+    with make_client(limits, 1, allow_private=allow_private) as client:
         try:
             return fetch(url.strip(), client, limits)
+        except Refused as exc:
+            raise ApiError(400, exc.reason) from None
         except FetchError as exc:
             raise ApiError(502, f"cannot fetch the URL: {exc.reason}") from None
-        except _Refused as exc:
-            raise ApiError(400, str(exc)) from None
-        except (httpx.InvalidURL, ValueError) as exc:
-            raise ApiError(400, f"not a valid URL: {exc}") from None
 
 
 def _searchable(db: Database, space: str):
@@ -242,7 +242,8 @@ def _searchable(db: Database, space: str):
 
 def _image_row(db: Database, image_id: int):
     with db.engine.connect() as conn:
-        row = conn.execute(sa.select(images).where(images.c.id == image_id)).first()
+        # Bound as a 64-bit integer: on PostgreSQL the id column is 32-bit, and an id beyond it is just absent.
+        row = conn.execute(sa.select(images).where(images.c.id == sa.literal(image_id, sa.BigInteger))).first()
     if row is None:
         raise ApiError(404, f"no image with id {image_id}")
     return row
@@ -286,6 +287,47 @@ def _result(m: Match) -> Result:
 def _response(outcome: Outcome, k: int) -> SimilarResponse:
     return SimilarResponse(query=outcome.query, k=k, space=outcome.space, seconds=round(outcome.seconds, 4),
                            results=[_result(m) for m in outcome.matches])
+
+
+class _Pool:
+    """A few worker threads of its own; a job waits at most ``wait`` seconds for one (else 503),
+    and a request is answered within ``limit`` seconds of its start (else 504)."""
+
+    def __init__(self, name: str, workers: int, wait: float, limit: float):
+        self.name, self.wait, self.limit = name, wait, limit
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix=f"lookalike-{name}")
+
+    async def run(self, started_at: float, function: Callable[[], Any]) -> Any:
+        """``function()`` on a worker, for a request that started at ``started_at`` (time.monotonic)."""
+        deadline = started_at + self.limit
+        loop = asyncio.get_running_loop()
+        started = asyncio.Event()
+
+        def job():
+            loop.call_soon_threadsafe(started.set)
+            return function()
+
+        future = self._executor.submit(job)
+        try:
+            wait = deadline - time.monotonic()
+            try:
+                await asyncio.wait_for(started.wait(), min(self.wait, wait))
+            except TimeoutError:
+                if future.cancel():  # still queued: give its place up
+                    if wait <= self.wait:
+                        raise  # out of time rather than turned away
+                    raise ApiError(503, f"busy: too many {self.name} at once, try again in {RETRY_AFTER_S} s",
+                                   {"Retry-After": str(RETRY_AFTER_S)}) from None
+            # A worker cannot be stopped, but the work it runs has its own deadline (fetches) or is
+            # bounded by the pixel budget (decodes); the answer does not wait past ours.
+            return await asyncio.wait_for(asyncio.wrap_future(future), deadline - time.monotonic())
+        except TimeoutError:
+            raise ApiError(504, f"the query took longer than the {self.limit:g} s limit") from None
+        finally:
+            future.cancel()  # no-op once started; drops a queued job whose client has gone
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 # ---------------------------------------------------------------- images and thumbnails
@@ -381,20 +423,54 @@ def _last_evaluation(db: Database) -> dict | None:
                      for (space, metric), values in sorted(table.items())]}
 
 
-def _unique_counts(db: Database):
-    from ..dedupe import unique_counts
-    table = unique_counts(db)
-    return table if table.labels else None
+class _UniqueCountsCache:
+    """The unique-counts table and its plot, counted and drawn once per change of what they count.
 
+    The fingerprint is cheap: the newest step run, and how many images there are and are hashed.
+    One lock: concurrent requests wait for the one count or drawing under way instead of repeating it.
+    """
 
-def unique_counts_png(db: Database) -> bytes:
-    """The unique-images-per-hash-size plot as PNG bytes; ApiError 404 when nothing is hashed."""
-    from ..reports import plot_unique_counts
-    table = _unique_counts(db)
-    if table is None:
-        raise ApiError(404, "no image hashes yet: run the hash step")
-    with tempfile.TemporaryDirectory(prefix="lookalike-plot-") as folder:
-        return plot_unique_counts(table, Path(folder) / "unique.png").read_bytes()
+    def __init__(self, db: Database):
+        self.db = db
+        self._lock = threading.Lock()
+        self._key: tuple | None = None
+        self._table = None
+        self._png: bytes | None = None
+
+    def _fingerprint(self) -> tuple:
+        count = sa.select(sa.func.count())
+        with self.db.engine.connect() as conn:
+            return tuple(conn.execute(sa.select(
+                sa.select(sa.func.max(runs.c.id)).scalar_subquery(),
+                sa.select(sa.func.max(images.c.id)).scalar_subquery(),
+                count.select_from(images).scalar_subquery(),
+                count.select_from(hashed_images).scalar_subquery())).one())
+
+    def _current(self) -> tuple:
+        key = self._fingerprint()
+        if key != self._key:
+            from ..dedupe import unique_counts
+            table = unique_counts(self.db)
+            self._key, self._table, self._png = key, table if table.labels else None, None
+        return self._key
+
+    def table(self):
+        """The table, or None when nothing is hashed."""
+        with self._lock:
+            self._current()
+            return self._table
+
+    def png(self) -> tuple[bytes, str]:
+        """The plot as PNG bytes and an ETag for them; ApiError 404 when nothing is hashed."""
+        from ..reports import plot_unique_counts
+        with self._lock:
+            key = self._current()
+            if self._table is None:
+                raise ApiError(404, "no image hashes yet: run the hash step")
+            if self._png is None:
+                with tempfile.TemporaryDirectory(prefix="lookalike-plot-") as folder:
+                    self._png = plot_unique_counts(self._table, Path(folder) / "unique.png").read_bytes()
+            return self._png, '"' + hashlib.sha256(repr(key).encode()).hexdigest()[:32] + '"'
 
 
 # ---------------------------------------------------------------- the app
@@ -484,20 +560,31 @@ def _warm(db: Database) -> None:
 
 
 def create_app(db: Database, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, limits: FetchLimits = FetchLimits(),
-               allow_private_urls: bool = False, warm: bool = True) -> FastAPI:
+               allow_private_urls: bool = False, warm: bool = True, deadline: float = REQUEST_DEADLINE_S,
+               fetch_workers: int = FETCH_WORKERS, queue_wait: float = QUEUE_WAIT_S) -> FastAPI:
     """The web app over ``db``: pages, JSON API, OpenAPI docs.
 
     ``limits`` bound URL fetches (the load step's defaults); ``allow_private_urls``
     lets queries fetch from loopback and private networks (off: a public server must
     not be a way into its own network); ``warm`` loads the index and the model at start-up.
+    A query is answered within ``deadline`` seconds; at most ``fetch_workers`` URL queries fetch
+    at once, and a query waits at most ``queue_wait`` seconds for a worker (then 503).
     """
     _mask_logs()
+
+    context = _Context(db, limits, allow_private_urls, max_upload_bytes,
+                       fetches=_Pool("URL fetches", fetch_workers, queue_wait, deadline),
+                       decodes=_Pool("image decodes", DECODE_WORKERS, queue_wait, deadline),
+                       plot=_UniqueCountsCache(db))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         if warm:
             await run_in_threadpool(_warm, db)
-        yield
+        try:
+            yield
+        finally:
+            context.close()
 
     app = FastAPI(title="lookalike", version=__version__, lifespan=lifespan,
                   description="Find the stored images most similar to an image, and review duplicate groups.")
@@ -506,7 +593,7 @@ def create_app(db: Database, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, limits
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError):
-        return _error_response(exc.status, exc.message)
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError):
@@ -521,7 +608,6 @@ def create_app(db: Database, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, limits
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         return _error_response(500, "internal server error")
 
-    context = _Context(db, limits, allow_private_urls, max_upload_bytes)
     _api_routes(app, context)
     _page_routes(app, context)
     return app
@@ -533,23 +619,40 @@ class _Context:
     limits: FetchLimits
     allow_private_urls: bool
     max_upload_bytes: int
+    fetches: _Pool
+    decodes: _Pool
+    plot: _UniqueCountsCache
 
-    def search(self, request: SimilarRequest, upload: tuple[str, bytes] | None) -> Outcome:
-        """Run exactly one of: an upload, a URL, a stored id."""
+    async def search(self, request: SimilarRequest, upload: tuple[str, bytes] | None) -> Outcome:
+        """Run exactly one of: an upload, a URL, a stored id (what both the API and the page call)."""
+        started_at = time.monotonic()
         given = [name for name, present in (("file", upload is not None), ("url", bool(request.url)),
                                             ("id", request.id is not None)) if present]
         if len(given) != 1:
             raise ApiError(422, "give exactly one of: file (multipart upload), url, id"
                            + (f" (got {', '.join(given)})" if given else ""))
+        if request.id is not None:
+            return await run_in_threadpool(search_by_id, self.db, request.id, request.k, request.space)
         if upload is not None:
-            name, data = upload
+            (name, data), kind = upload, "upload"
             if not data:
                 raise ApiError(422, "cannot use this file: empty file")
-            return search_by_bytes(self.db, data, request.k, request.space, kind="upload", name=name)
-        if request.url:
-            data = fetch_url(request.url, self.limits, allow_private=self.allow_private_urls)
-            return search_by_bytes(self.db, data, request.k, request.space, kind="url", name=request.url)
-        return search_by_id(self.db, request.id, request.k, request.space)
+        else:
+            name, kind = request.url, "url"
+
+            def download() -> bytes:
+                # The fetch stops itself a second before the request's time is up, so that its own
+                # reason (e.g. "too slow") is what the client reads, not a bare 504.
+                left = round(started_at + self.fetches.limit - time.monotonic() - 1.0, 1)
+                return fetch_url(name, replace(self.limits, deadline=max(min(self.limits.deadline, left), 0.1)),
+                                 allow_private=self.allow_private_urls)
+            data = await self.fetches.run(started_at, download)
+        return await self.decodes.run(started_at, lambda: search_by_bytes(
+            self.db, data, request.k, request.space, kind=kind, name=name))
+
+    def close(self) -> None:
+        self.fetches.close()
+        self.decodes.close()
 
 
 async def _read_query(request: Request) -> tuple[SimilarRequest, tuple[str, bytes] | None]:
@@ -574,7 +677,8 @@ async def _read_query(request: Request) -> tuple[SimilarRequest, tuple[str, byte
     else:
         raise ApiError(415, "send JSON ({\"url\": …} or {\"id\": …}) or a multipart form with a file")
     try:
-        return SimilarRequest.model_validate(fields), upload
+        # JSON strictly ({"id": true} is not image 1); form fields are text, so they are parsed.
+        return SimilarRequest.model_validate(fields, strict=content_type == "application/json"), upload
     except ValidationError as exc:
         raise ApiError(422, _validation_message(exc.errors())) from None
 
@@ -601,16 +705,17 @@ def _api_routes(app: FastAPI, ctx: _Context) -> None:
         `{"id": 123, "k": 10}`. A stored image is never among its own results.
         """
         query, upload = await _read_query(request)
-        outcome = await run_in_threadpool(ctx.search, query, upload)
+        outcome = await ctx.search(query, upload)
         return _response(outcome, query.k)
 
     @app.get("/api/images/{image_id}/similar", response_model=SimilarResponse, tags=["search"], responses=ERRORS)
-    def similar_to_stored(image_id: int, k: KParam = DEFAULT_K, space: Space = "embeddings") -> SimilarResponse:
+    def similar_to_stored(image_id: ImageIdParam, k: KParam = DEFAULT_K,
+                          space: Space = "embeddings") -> SimilarResponse:
         """The k stored images most similar to stored image `image_id` (itself excluded)."""
         return _response(search_by_id(db, image_id, k, space), k)
 
     @app.get("/api/images/{image_id}", response_model=ImageMeta, tags=["images"], responses=ERRORS)
-    def image_meta(image_id: int) -> ImageMeta:
+    def image_meta(image_id: ImageIdParam) -> ImageMeta:
         """What is stored about an image."""
         row = _image_row(db, image_id)
         with db.engine.connect() as conn:
@@ -623,34 +728,38 @@ def _api_routes(app: FastAPI, ctx: _Context) -> None:
 
     @app.get("/api/images/{image_id}/thumbnail", tags=["images"], responses={
         **ERRORS, 200: {"content": {"image/jpeg": {}}, "description": f"JPEG, at most {THUMBNAIL_PX} px"}})
-    def thumbnail(image_id: int, request: Request) -> Response:
+    async def thumbnail(image_id: ImageIdParam, request: Request) -> Response:
         """A JPEG thumbnail, at most 256 px on its longest side; cacheable (ETag)."""
-        row, path = _stored_bytes_path(db, image_id)
+        row, path = await run_in_threadpool(_stored_bytes_path, db, image_id)
         try:
-            data = _stored_thumbnail(path)
+            data = await ctx.decodes.run(time.monotonic(), lambda: _stored_thumbnail(path))
         except ImageError as exc:
             raise ApiError(422, f"image {image_id} cannot be decoded: {exc.reason}") from None
         return _cached(data, "image/jpeg", f'"{row.sha256[:32]}-t{THUMBNAIL_PX}"', request)
 
     @app.get("/api/images/{image_id}/full", tags=["images"], responses={
         **ERRORS, 200: {"content": {"image/*": {}}, "description": "the stored bytes"}})
-    def full_image(image_id: int, request: Request) -> Response:
+    def full_image(image_id: ImageIdParam, request: Request) -> Response:
         """The stored image's original bytes, with its image content type."""
         row, path = _stored_bytes_path(db, image_id)
         media_type = MIME_TYPES.get(row.format or "", "application/octet-stream")
         return _cached(path.read_bytes(), media_type, f'"{row.sha256[:32]}"', request)
 
     @app.get("/api/duplicates", response_model=DuplicatesResponse, tags=["duplicates"], responses=ERRORS)
-    def duplicate_groups(run_id: int | None = None, offset: Annotated[int, Query(ge=0)] = 0,
+    def duplicate_groups(run_id: RunIdParam = None, offset: Annotated[int, Query(ge=0)] = 0,
                          limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> DuplicatesResponse:
         """The groups of a dedupe run (the latest by default), keeper first in each group."""
         return duplicates(db, run_id, offset, limit)
 
     @app.get("/api/plots/unique-counts.png", tags=["collection"], responses={
         404: {"model": Error}, 200: {"content": {"image/png": {}}}})
-    def unique_counts_plot() -> Response:
-        """Unique images per label against dHash size (the exact rule), as a PNG drawn now."""
-        return Response(unique_counts_png(db), media_type="image/png", headers={"Cache-Control": "no-cache"})
+    def unique_counts_plot(request: Request) -> Response:
+        """Unique images per label against dHash size (the exact rule), as a PNG; drawn once per change."""
+        png, etag = ctx.plot.png()
+        headers = {"ETag": etag, "Cache-Control": "no-cache"}  # revalidate: it changes when steps run
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers=headers)
+        return Response(png, media_type="image/png", headers=headers)
 
     @app.get("/api/health", tags=["health"])
     def health() -> JSONResponse:
@@ -693,31 +802,38 @@ def _picks(db: Database) -> list[tuple[int, str | None]]:
 def _page_routes(app: FastAPI, ctx: _Context) -> None:
     db = ctx.db
 
-    def search_page(query: SimilarRequest | None, upload: tuple[str, bytes] | None) -> HTMLResponse:
+    async def preview(outcome: Outcome) -> str | None:
+        """The query's picture: a stored thumbnail, or the query's bytes shrunk (None when busy or undecodable)."""
+        if outcome.data is None:
+            return f"/api/images/{outcome.query.image_id}/thumbnail"
+        try:
+            return await ctx.decodes.run(time.monotonic(), lambda: _data_uri(outcome.data))
+        except ApiError:
+            return None
+
+    async def search_page(query: SimilarRequest | None, upload: tuple[str, bytes] | None) -> HTMLResponse:
         values: dict[str, Any] = {"page": "search", "max_upload_bytes": ctx.max_upload_bytes,
                                   "k": query.k if query else DEFAULT_K,
                                   "url": query.url if query else None, "id": query.id if query else None}
         status = 200
         if query is not None and (upload or query.url or query.id is not None):
             try:
-                outcome = ctx.search(query, upload)
-                preview = (_data_uri(outcome.data) if outcome.data is not None
-                           else f"/api/images/{outcome.query.image_id}/thumbnail")
-                values.update(outcome=outcome, preview=preview)
+                outcome = await ctx.search(query, upload)
+                values.update(outcome=outcome, preview=await preview(outcome))
             except ApiError as exc:
                 values["error"], status = exc.message, exc.status
-        values["picks"] = _picks(db)
+        values["picks"] = await run_in_threadpool(_picks, db)
         return _page("search.html", status, **values)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def search_get(id: str | None = None, url: str | None = None, k: str | None = None) -> HTMLResponse:
+    async def search_get(id: str | None = None, url: str | None = None, k: str | None = None) -> HTMLResponse:
         fields = {key: value for key, value in (("id", id), ("url", url), ("k", k)) if value not in (None, "")}
         try:
             query = SimilarRequest.model_validate(fields)
         except ValidationError as exc:
             return _page("search.html", 422, page="search", error=_validation_message(exc.errors()), k=DEFAULT_K,
-                         max_upload_bytes=ctx.max_upload_bytes, picks=_picks(db))
-        return search_page(query, None)
+                         max_upload_bytes=ctx.max_upload_bytes, picks=await run_in_threadpool(_picks, db))
+        return await search_page(query, None)
 
     @app.post("/", response_class=HTMLResponse, include_in_schema=False)
     async def search_post(request: Request) -> HTMLResponse:
@@ -726,10 +842,10 @@ def _page_routes(app: FastAPI, ctx: _Context) -> None:
         except ApiError as exc:
             return _page("search.html", exc.status, page="search", error=exc.message, k=DEFAULT_K,
                          max_upload_bytes=ctx.max_upload_bytes, picks=await run_in_threadpool(_picks, db))
-        return await run_in_threadpool(search_page, query, upload)
+        return await search_page(query, upload)
 
     @app.get("/duplicates", response_class=HTMLResponse, include_in_schema=False)
-    def duplicates_page(run: int | None = None, page: Annotated[int, Query(ge=1)] = 1) -> HTMLResponse:
+    def duplicates_page(run: RunIdParam = None, page: Annotated[int, Query(ge=1)] = 1) -> HTMLResponse:
         values: dict[str, Any] = {"page": "duplicates", "runs": _runs(db), "number": page,
                                   "per_page": GROUPS_PER_PAGE}
         try:
@@ -748,7 +864,7 @@ def _page_routes(app: FastAPI, ctx: _Context) -> None:
         totals = {state: sum(counts.get(state, 0) for counts in labels.values()) for state in ("ok", "failed")}
         return _page("collection.html", page="collection", database=db.dialect, labels=labels, totals=totals,
                      failures=status.fetch_failures, models=_embedding_counts(db), runs=_runs(db),
-                     unique=_unique_counts(db), evaluation=_last_evaluation(db))
+                     unique=ctx.plot.table(), evaluation=_last_evaluation(db))
 
 
 # ---------------------------------------------------------------- running it

@@ -3,11 +3,15 @@
 -- server's unix socket as the current role, and commits its work as it does from the CLI.
 --
 -- Installed by `lookalike db install`, which writes the folder it copied lookalike and its
--- dependencies to into each body (as a Python string, where the body says sys.path.insert).
--- The folder is in the body, not read from a table, so only the routines' owner (a superuser)
--- decides which code the server runs. Each body starts with the same preamble: on a session's
+-- dependencies to into each body (as a Python string, where the body says sys.path.insert),
+-- and the image store's folder (the string after the routine's name). Both are in the body,
+-- not read from a table, so only the routines' owner (a superuser) decides which code the
+-- server runs and where it writes files: roles that may edit lookalike.settings do not. Each body starts with the same preamble: on a session's
 -- first call, put that folder first on sys.path and import lookalike.plpython, kept in GD
 -- (PL/Python's per-session dictionary) for the session's later calls.
+--
+-- The procedures commit their own work and so refuse to run inside BEGIN ... COMMIT (SQLSTATE
+-- 25001); similar_images refuses a transaction that has written or locked more than reads do.
 --
 -- A failure comes back as the exception to raise here, so psql shows
 -- "ERROR:  lookalike.<routine>: <message>" with a SQLSTATE; its CONTEXT names only the raise below.
@@ -19,7 +23,7 @@ if "lookalike" not in GD:
     sys.path.insert(0, @PLPYTHON_PATH@)
     import lookalike.plpython
     GD["lookalike"] = lookalike.plpython
-failure = GD["lookalike"].call(plpy, "load_images", source=source, label_column=label_column)
+failure = GD["lookalike"].call(plpy, "load_images", @STORE_PATH@, source=source, label_column=label_column)
 if failure:
     raise failure
 $body$;
@@ -32,7 +36,7 @@ if "lookalike" not in GD:
     sys.path.insert(0, @PLPYTHON_PATH@)
     import lookalike.plpython
     GD["lookalike"] = lookalike.plpython
-failure = GD["lookalike"].call(plpy, "hash_images")
+failure = GD["lookalike"].call(plpy, "hash_images", @STORE_PATH@)
 if failure:
     raise failure
 $body$;
@@ -46,7 +50,7 @@ if "lookalike" not in GD:
     sys.path.insert(0, @PLPYTHON_PATH@)
     import lookalike.plpython
     GD["lookalike"] = lookalike.plpython
-failure = GD["lookalike"].call(plpy, "dedupe", rule=rule, hash=hash, size=size, max_distance=max_distance)
+failure = GD["lookalike"].call(plpy, "dedupe", @STORE_PATH@, rule=rule, hash=hash, size=size, max_distance=max_distance)
 if failure:
     raise failure
 $body$;
@@ -59,7 +63,7 @@ if "lookalike" not in GD:
     sys.path.insert(0, @PLPYTHON_PATH@)
     import lookalike.plpython
     GD["lookalike"] = lookalike.plpython
-failure = GD["lookalike"].call(plpy, "featurize_images", backbone=backbone, batch_size=batch_size)
+failure = GD["lookalike"].call(plpy, "featurize_images", @STORE_PATH@, backbone=backbone, batch_size=batch_size)
 if failure:
     raise failure
 $body$;
@@ -72,7 +76,7 @@ if "lookalike" not in GD:
     sys.path.insert(0, @PLPYTHON_PATH@)
     import lookalike.plpython
     GD["lookalike"] = lookalike.plpython
-failure = GD["lookalike"].call(plpy, "prepare_data", test_ratio=test_ratio, queries_per_label=queries_per_label, negatives_per_query=negatives_per_query)
+failure = GD["lookalike"].call(plpy, "prepare_data", @STORE_PATH@, test_ratio=test_ratio, queries_per_label=queries_per_label, negatives_per_query=negatives_per_query)
 if failure:
     raise failure
 $body$;
@@ -85,7 +89,7 @@ if "lookalike" not in GD:
     sys.path.insert(0, @PLPYTHON_PATH@)
     import lookalike.plpython
     GD["lookalike"] = lookalike.plpython
-failure = GD["lookalike"].call(plpy, "train_classifier")
+failure = GD["lookalike"].call(plpy, "train_classifier", @STORE_PATH@)
 if failure:
     raise failure
 $body$;
@@ -98,7 +102,7 @@ if "lookalike" not in GD:
     sys.path.insert(0, @PLPYTHON_PATH@)
     import lookalike.plpython
     GD["lookalike"] = lookalike.plpython
-failure = GD["lookalike"].call(plpy, "evaluate_model")
+failure = GD["lookalike"].call(plpy, "evaluate_model", @STORE_PATH@)
 if failure:
     raise failure
 $body$;
@@ -111,7 +115,7 @@ if "lookalike" not in GD:
     sys.path.insert(0, @PLPYTHON_PATH@)
     import lookalike.plpython
     GD["lookalike"] = lookalike.plpython
-failure = GD["lookalike"].call(plpy, "rank_candidates", top_k=top_k)
+failure = GD["lookalike"].call(plpy, "rank_candidates", @STORE_PATH@, top_k=top_k)
 if failure:
     raise failure
 $body$;
@@ -124,7 +128,7 @@ if "lookalike" not in GD:
     sys.path.insert(0, @PLPYTHON_PATH@)
     import lookalike.plpython
     GD["lookalike"] = lookalike.plpython
-failure = GD["lookalike"].call(plpy, "run_once", source=source)
+failure = GD["lookalike"].call(plpy, "run_once", @STORE_PATH@, source=source)
 if failure:
     raise failure
 $body$;
@@ -138,7 +142,7 @@ if "lookalike" not in GD:
     sys.path.insert(0, @PLPYTHON_PATH@)
     import lookalike.plpython
     GD["lookalike"] = lookalike.plpython
-rows, failure = GD["lookalike"].similar(plpy, query_image_id, k)
+rows, failure = GD["lookalike"].similar(plpy, @STORE_PATH@, query_image_id, k)
 if failure:
     raise failure
 return rows
@@ -153,7 +157,7 @@ if "lookalike" not in GD:
     sys.path.insert(0, @PLPYTHON_PATH@)
     import lookalike.plpython
     GD["lookalike"] = lookalike.plpython
-rows, failure = GD["lookalike"].similar(plpy, query, k)
+rows, failure = GD["lookalike"].similar(plpy, @STORE_PATH@, query, k)
 if failure:
     raise failure
 return rows
