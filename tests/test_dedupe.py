@@ -69,23 +69,19 @@ def reference_groups(members: list[list[dict]], distance) -> dict[int, tuple[int
     return out
 
 
-def union_find_groups(items: list[dict], linked) -> list[list[dict]]:
-    """Brute force: link every pair that ``linked`` accepts, then take the components."""
-    parent = list(range(len(items)))
-
-    def root(k):
-        while parent[k] != k:
-            parent[k] = parent[parent[k]]
-            k = parent[k]
-        return k
-
-    for a, b in itertools.combinations(range(len(items)), 2):
-        if linked(items[a], items[b]):
-            parent[root(a)] = root(b)
-    components: dict[int, list[dict]] = {}
-    for k, item in enumerate(items):
-        components.setdefault(root(k), []).append(item)
-    return list(components.values())
+def keeper_first_groups(items: list[dict], linked) -> list[list[dict]]:
+    """Brute force of the no-chaining rule: in keeper order, each item joins the first keeper it is linked
+    to, or becomes a keeper."""
+    order = sorted(items, key=lambda m: (-m["width"], -m["height"], -m["byte_size"],
+                                         m["format"] not in REFERENCE_LOSSLESS, m["id"]))
+    groups: list[list[dict]] = []
+    for item in order:
+        group = next((g for g in groups if linked(g[0], item)), None)
+        if group is None:
+            groups.append([item])
+        else:
+            group.append(item)
+    return groups
 
 
 def random_collection(db: Database, rng: random.Random, n: int, hash_pool: list[int], *, kind="dhash_rowcol",
@@ -172,17 +168,16 @@ def near_case(db: Database, hashes: list[int], *, kind="phash", size=8, bits=64,
     return items
 
 
-def test_near_rule_joins_chains_transitively(db):
+def test_near_rule_never_chains(db):
     a = 0x0123_4567_89AB_CDEF
     b = flip(a, [0, 1, 2, 3, 4, 5])            # a–b: 6
     c = flip(b, [10, 11, 12, 13, 14, 15])      # b–c: 6, a–c: 12, over the radius
     far = a ^ 0xFFFF_FFFF_0000_0000
     items = near_case(db, [a, b, c, far], sizes=[100, 100, 300, 100])
     summary = dedupe_images(db, rule="near", hash_kind="phash", size=8, max_distance=8)
-    keeper = items[2]["id"]  # widest
-    assert stored_groups(db, summary.run_id) == {
-        items[0]["id"]: (keeper, False, 12), items[1]["id"]: (keeper, False, 6), items[2]["id"]: (keeper, True, 0)}
-    assert (summary.groups, summary.duplicates, summary.max_distance) == (1, 2, 8)
+    keeper = items[2]["id"]  # widest: c keeps b, and a (12 bits from c) stays on its own
+    assert stored_groups(db, summary.run_id) == {items[1]["id"]: (keeper, False, 6), items[2]["id"]: (keeper, True, 0)}
+    assert (summary.groups, summary.duplicates, summary.max_distance) == (1, 1, 8)
 
 
 def test_near_rule_radius_zero_is_the_exact_rule(db):
@@ -203,7 +198,7 @@ def test_near_rule_all_equal_is_one_group(db):
 
 
 @pytest.mark.parametrize("kind,size,bits", [("phash", 8, 64), ("dhash_rowcol", 8, 128), ("dhash_rowcol", 4, 32)])
-def test_near_rule_matches_brute_force_union_find(db, kind, size, bits):
+def test_near_rule_matches_a_brute_force_keeper_first_reference(db, kind, size, bits):
     rng = random.Random(bits)
     centres = [rng.getrandbits(bits) for _ in range(8)]
     hashes = [flip(rng.choice(centres), rng.sample(range(bits), rng.randint(0, 5))) for _ in range(70)]
@@ -214,7 +209,7 @@ def test_near_rule_matches_brute_force_union_find(db, kind, size, bits):
     for per_label in (False, True):
         summary = dedupe_images(db, rule="near", hash_kind=kind, size=size, max_distance=4, per_label=per_label)
         linked = lambda x, y: distance(x, y) <= 4 and (not per_label or x["label"] == y["label"])  # noqa: E731
-        expected = reference_groups(union_find_groups(items, linked), distance)
+        expected = reference_groups(keeper_first_groups(items, linked), distance)
         assert stored_groups(db, summary.run_id) == expected
         assert expected
 
@@ -233,7 +228,7 @@ def test_rule_parameters_and_the_default_radius(db):
             add_hash(conn, add_image(conn), "phash", 8, value, 64)
     scaled = dedupe_images(db, rule="near", hash_kind="phash", size=8)
     assert scaled.max_distance == 5 and scaled.duplicates == 1  # 10 of 128 bits scaled to 64: 5 links, 7 does not
-    with pytest.raises(ValueError, match="no max_distance"):
+    with pytest.raises(ValueError, match="takes no maximum distance"):
         dedupe_images(db, rule="exact", max_distance=3)
     with pytest.raises(ValueError, match="unknown dedupe rule"):
         dedupe_images(db, rule="fuzzy")
@@ -452,18 +447,18 @@ def test_html_report_shows_each_group_with_its_keeper(photo_collection, tmp_path
     assert duplicate_groups_report(db, run_id=summary.run_id + 100) == []
 
 
-def test_is_duplicate_finds_the_stored_original(photo_collection):
+def test_is_duplicate_by_hash_finds_the_stored_original(photo_collection):
     db, ids, originals = photo_collection
     recompressed = encode(originals[2].resize((90, 68), Image.Resampling.LANCZOS), "JPEG", quality=60)
-    matches = is_duplicate(db, recompressed)  # the near rule's default hash and radius
+    matches = is_duplicate(db, recompressed, rule="near")  # the near rule's default hash and radius
     assert [m.image_id for m in matches] == [ids["original2"]]
     assert matches[0].label == "dotted" and 0 <= matches[0].distance <= 10
 
-    same = is_duplicate(db, encode(originals[0], "PNG"), hash_kind="phash", size=8, max_distance=6)
+    same = is_duplicate(db, encode(originals[0], "PNG"), rule="near", hash_kind="phash", size=8, max_distance=6)
     assert [(m.image_id, m.distance) for m in same][0] == (ids["original0"], 0)
     assert ids["copy0"] in [m.image_id for m in same]
-    assert is_duplicate(db, encode(textured(99), "PNG")) == []
+    assert is_duplicate(db, encode(textured(99), "PNG"), rule="near") == []
     flat = encode(Image.new("RGB", (40, 40), (128, 128, 128)), "PNG")
-    assert is_duplicate(db, flat) == []
-    assert [m.image_id for m in is_duplicate(db, flat, hash_kind="dhash_rowcol", size=8, max_distance=0,
-                                             include_low_detail=True)] == [ids["flat"]]
+    assert is_duplicate(db, flat, rule="near") == []
+    assert [m.image_id for m in is_duplicate(db, flat, rule="near", hash_kind="dhash_rowcol", size=8,
+                                             max_distance=0, include_low_detail=True)] == [ids["flat"]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lookalike.neardup import _BLOCK, _plan, connected_groups, pairs_within
+from lookalike.neardup import _BLOCK, _plan, pairs_within
 
 
 def brute_force(hashes: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -71,7 +71,7 @@ def test_two_groups_one_bit_apart() -> None:
     assert assert_same_as_brute_force(hashes, 0) == 2 * (40 * 39 // 2)
 
 
-def test_chain_links_only_near_neighbours_but_groups_all() -> None:
+def test_chain_links_only_near_neighbours() -> None:
     a = 0x0123_4567_89AB_CDEF
     b = a ^ 0b11111            # 5 bits from a
     c = b ^ (0b11111 << 40)    # 5 bits from b, 10 from a
@@ -79,7 +79,6 @@ def test_chain_links_only_near_neighbours_but_groups_all() -> None:
     hashes = np.array([a, far, b, c], dtype=np.uint64)
     i, j, d = pairs_within(hashes, 8)
     assert list(zip(i, j, d)) == [(0, 2, 5), (2, 3, 5)]
-    assert connected_groups(4, i, j).tolist() == [0, 1, 0, 0]
 
 
 def test_radius_zero_finds_exact_duplicates_only() -> None:
@@ -97,7 +96,6 @@ def test_empty_and_single() -> None:
     for n in (0, 1):
         i, j, d = pairs_within(np.zeros(n, dtype=np.uint64), 5)
         assert len(i) == len(j) == len(d) == 0
-    assert connected_groups(0, np.zeros(0, int), np.zeros(0, int)).size == 0
 
 
 def test_threads_give_the_same_answer() -> None:
@@ -114,27 +112,3 @@ def test_bad_input_is_refused() -> None:
         pairs_within(np.array([1, 2], dtype=np.uint64), -1)
     with pytest.raises(ValueError):
         pairs_within(np.zeros((2, 2, 2), dtype=np.uint64), 3)
-
-
-def test_connected_groups_are_transitive_and_labelled_by_lowest_member() -> None:
-    rng = np.random.default_rng(4)
-    n = 500
-    i = rng.integers(0, n, 300)
-    j = rng.integers(0, n, 300)
-    labels = connected_groups(n, i, j)
-    assert (labels[i] == labels[j]).all()                     # linked items share a group
-    assert (labels <= np.arange(n)).all()                     # the label is the lowest member
-    assert (labels[labels] == labels).all()
-    # transitive closure by repeated relaxation agrees
-    closure = np.arange(n)
-    for _ in range(n):
-        low = np.minimum(closure[i], closure[j])
-        before = closure.copy()
-        np.minimum.at(closure, i, low)
-        np.minimum.at(closure, j, low)
-        closure = closure[closure]
-        if np.array_equal(before, closure):
-            break
-    assert np.array_equal(labels, closure)
-    isolated = np.setdiff1d(np.arange(n), np.r_[i, j])
-    assert np.array_equal(labels[isolated], isolated)

@@ -57,7 +57,7 @@ def sqlite_run(sample_set, tmp_path_factory):
 def test_run_does_every_step_and_ranks_the_test_split(sqlite_run, sample_set):
     db, summary = sqlite_run
     assert [name for name, _, _ in summary.steps] == [
-        "load", "hash", "dedupe", "featurize", "split", "train", "evaluate", "rank"]
+        "load", "hash", "featurize", "dedupe", "split", "train", "evaluate", "rank"]
     with db.engine.connect() as conn:
         ok = conn.execute(sa.select(sa.func.count()).where(images.c.status == "ok")).scalar()
         assert ok == sample_set.images
@@ -209,4 +209,4 @@ def test_status_shows_how_far_the_pipeline_got(sqlite_run, sample_set):
         parts = dict(conn.execute(sa.select(splits.c.split, sa.func.count()).group_by(splits.c.split)).all())
     assert f"split:    {parts['train']} train, {parts['test']} test" in lines
     steps = [line.split()[0] for line in lines[lines.index("last run of each step:") + 1:]]
-    assert steps == ["hash", "dedupe", "featurize", "split", "train", "evaluate", "rank", "run"]
+    assert steps == ["hash", "featurize", "dedupe", "split", "train", "evaluate", "rank", "run"]

@@ -39,8 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = [
     ("load_images", "CALL lookalike.load_images(:'samples')"),
     ("hash_images", "CALL lookalike.hash_images()"),
-    ("dedupe", "CALL lookalike.dedupe()"),
     ("featurize_images", "CALL lookalike.featurize_images()"),
+    ("dedupe", "CALL lookalike.dedupe()"),
     ("prepare_data", "CALL lookalike.prepare_data(0.25)"),
     ("train_classifier", "CALL lookalike.train_classifier()"),
     ("evaluate_model", "CALL lookalike.evaluate_model()"),
@@ -50,7 +50,7 @@ STEPS = [
 SUMMARY_WORDS = {
     "load_images": "loaded 27 new images",
     "hash_images": "27 hashed",
-    "dedupe": "dedupe run 1: near rule, within",
+    "dedupe": "dedupe run 1: verified rule",
     "featurize_images": "27 embedded",
     "prepare_data": "split (seed 0, test ratio 0.25)",
     "train_classifier": "accuracy: train",
@@ -135,8 +135,8 @@ def reference(workspace: Path) -> str:
     with Database(url) as db:
         load_images(db, workspace / "samples", progress=False)
         hash_images(db, progress=False)
-        dedupe_images(db, rule="near")
         featurize_images(db, progress=False)
+        dedupe_images(db, progress=False)
         split_images(db, test_ratio=0.25, seed=0)
         train_classifier(db, seed=0)
         evaluate_model(db, queries_per_label=20, negatives_per_query=100, seed=0)
@@ -303,6 +303,7 @@ def test_cancelled_or_terminated_featurize_stops_cleanly_and_keeps_its_work(pg_c
 
     def featurize_then_stop(how: str, while_running=lambda: None) -> str:
         """Start featurize, let it embed a few batches, then cancel or terminate it; psql's stderr."""
+        embedded = value("SELECT count(*) FROM lookalike.embeddings")
         with psycopg.connect(pg_cluster.conninfo(name)) as gate:
             # Featurize waits at its first look at the embeddings table, with the model loaded.
             gate.execute("LOCK TABLE lookalike.embeddings IN ACCESS EXCLUSIVE MODE")
@@ -317,7 +318,10 @@ def test_cancelled_or_terminated_featurize_stops_cleanly_and_keeps_its_work(pg_c
                     and time.monotonic() < deadline:
                 time.sleep(0.02)
             gate.rollback()
-        time.sleep(0.5)
+        # Stopped once it has committed a batch more (a fixed sleep lands before the first on a busy machine).
+        deadline = time.monotonic() + 120
+        while value("SELECT count(*) FROM lookalike.embeddings") == embedded and time.monotonic() < deadline:
+            time.sleep(0.05)
         while_running()
         value(f"SELECT count(pg_{how}_backend(pid)) FROM pg_stat_activity "
               "WHERE query LIKE 'CALL lookalike.featurize_images%'")

@@ -68,7 +68,7 @@ DEFAULT_RULE = "verified"
 EXACT_DEFAULT_HASH = ("dhash_rowcol", 3)
 NEAR_DEFAULT_HASH = ("dhash_rowcol", 8)
 DEFAULT_MAX_DISTANCE = 10   # bits, for NEAR_DEFAULT_HASH; other hashes get the same share of their bits
-VERIFIED_MAX_DISTANCE = 24  # bits of NEAR_DEFAULT_HASH within which a pair is a verified-rule candidate
+VERIFIED_MAX_DISTANCE = 16  # bits of NEAR_DEFAULT_HASH within which a pair is a verified-rule candidate
 DHASH_ROWCOL_SIZES = range(1, 9)
 
 
@@ -78,7 +78,7 @@ class VerifiedThresholds:
 
     neighbours: int = 10              # nearest embeddings per image taken as candidates
     reject_below: float = 0.60        # cosine similarity under which a candidate is not a copy
-    accept_from: float = 0.95         # cosine similarity from which a candidate is a copy without geometry
+    accept_from: float = 0.97         # cosine similarity from which a candidate is a copy without geometry
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -564,7 +564,7 @@ def candidate_pairs(hashes: np.ndarray, vectors: np.ndarray, low_detail: np.ndar
 class _ViewCache:
     """Decoded verification views by row, the most recently used kept (bounded memory)."""
 
-    def __init__(self, path_of, capacity: int = 256):
+    def __init__(self, path_of, capacity: int = 1024):   # a view is at most about 400 KB
         self.path_of, self.capacity = path_of, capacity
         self.views: OrderedDict = OrderedDict()
         self.lock = threading.Lock()

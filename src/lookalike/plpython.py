@@ -124,6 +124,9 @@ _ROUTINES = sa.text("SELECT p.oid::regprocedure::text AS signature, p.proname AS
                     "WHERE p.pronamespace = to_regnamespace(:schema) AND l.lanname = 'plpython3u'")
 
 
+# On an SQL_ASCII (C-locale) server psycopg hands back bytes unless the client asks for UTF-8.
+UTF8 = {"client_encoding": "utf8"}
+
 def install(db_url: str | None, target: str | Path | None = None, *,
             store_dir: str | Path | None = None) -> InstallSummary:
     """Make lookalike importable to the server's PL/Python and create the procedures.
@@ -137,7 +140,7 @@ def install(db_url: str | None, target: str | Path | None = None, *,
     if store_dir is not None:
         _body_path(Path(store_dir), "--store")
     url = _postgres_url(db_url)
-    engine = sa.create_engine(url)
+    engine = sa.create_engine(url, connect_args=UTF8)
     try:
         with _connect(engine) as conn:
             _check_server(conn)
@@ -188,7 +191,7 @@ def install(db_url: str | None, target: str | Path | None = None, *,
 def uninstall(db_url: str | None, drop_data: bool = False) -> UninstallSummary:
     """Drop the PL/Python routines, remove the package folder install made, and with ``drop_data`` the schema."""
     url = _postgres_url(db_url)
-    engine = sa.create_engine(url)
+    engine = sa.create_engine(url, connect_args=UTF8)
     warnings: list[str] = []
     try:
         with _connect(engine) as conn, conn.begin():
@@ -221,13 +224,13 @@ def uninstall(db_url: str | None, drop_data: bool = False) -> UninstallSummary:
 
 def _databases_using(url, path: str) -> list[str]:
     """The other databases of this server whose procedures load packages from ``path`` (or can't be checked)."""
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool, connect_args=UTF8)
     with engine.connect() as conn:
         names = conn.execute(sa.text("SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate "
                                      "AND datname <> current_database() ORDER BY 1")).scalars().all()
     users = []
     for name in names:
-        other = sa.create_engine(url.set(database=name), poolclass=sa.pool.NullPool)
+        other = sa.create_engine(url.set(database=name), poolclass=sa.pool.NullPool, connect_args=UTF8)
         try:
             with other.connect() as conn:
                 used = _installed_target(conn)

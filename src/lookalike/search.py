@@ -11,6 +11,7 @@ Distances are cosine distances; similarity = 1 − distance.
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -153,7 +154,8 @@ def query_bytes(query: str | Path | bytes, limits: FetchLimits) -> bytes:
         return query
     with make_client(limits, 1) as client:
         try:
-            return fetch(str(Path(query).expanduser().resolve()) if "://" not in str(query) else str(query),
+            # abspath, not resolve: no file-system call, so a name the locale cannot encode still reaches fetch
+            return fetch(os.path.abspath(os.path.expanduser(query)) if "://" not in str(query) else str(query),
                          client, limits)
         except FetchError as exc:
             raise ValueError(f"cannot read query image: {exc.reason}") from None

@@ -552,24 +552,33 @@ def build_index(ids: np.ndarray, vectors: np.ndarray, *, kind: str = "auto", thr
     return index
 
 
-def nearest_neighbours(vectors: np.ndarray, k: int, *, exact_up_to: int = 20_000,
-                       nprobe: int = 16) -> np.ndarray:
+def nearest_neighbours(vectors: np.ndarray, k: int, *, exact_up_to: int = 5_000, reduced_dim: int = 128,
+                       nprobe: int = 8) -> np.ndarray:
     """Row indices of each row's ``k`` most similar other rows (inner product of unit vectors), -1 padded.
 
-    Exact (faiss flat) up to ``exact_up_to`` rows; above, an inverted file of
-    flat vectors probing ``nprobe`` lists: near-copies sit in one cell or its
-    neighbours, so they are found at a fraction of the exact cost.
+    Exact (faiss flat) up to ``exact_up_to`` rows. Above, the vectors are
+    reduced by PCA to ``reduced_dim`` and searched in an inverted file probing
+    ``nprobe`` lists: near-copies are close in any projection and sit in one
+    cell or its neighbours, so they are found at a small fraction of the cost
+    (these are candidates; callers compare the full vectors).
     """
     matrix = np.ascontiguousarray(vectors, dtype=np.float32)
     n, dim = matrix.shape
     if n == 0 or k <= 0:
         return np.zeros((n, 0), dtype=np.int64)
+    sample = np.sort(np.random.default_rng(0).choice(n, min(n, 20_000), replace=False))
     if n <= exact_up_to:
         index = faiss.IndexFlatIP(dim)
     else:
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, default_nlist(n), faiss.METRIC_INNER_PRODUCT)
-        sample = np.random.default_rng(0).choice(n, min(n, 64 * index.nlist), replace=False)
-        index.train(matrix[np.sort(sample)])
+        pca = faiss.PCAMatrix(dim, min(reduced_dim, dim))
+        pca.train(matrix[sample[:10_000]])
+        reduced = pca.apply(matrix)
+        faiss.normalize_L2(reduced)
+        matrix, dim = reduced, reduced.shape[1]
+        nlist = max(1, min(default_nlist(n), len(sample) // 39))   # faiss wants 39 training points per list
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.niter = 10   # coarse cells are enough: a copy and its original land in the same or a probed one
+        index.train(matrix[sample])
         index.nprobe = nprobe
     index.add(matrix)
     found = np.empty((n, min(k + 1, n)), dtype=np.int64)

@@ -35,11 +35,12 @@ from PIL import Image
 from .images import Source, open_image
 
 VIEW_SIDE = 400            # longest side the verification works at, in pixels
-_ORB_FEATURES = 1000
+_ORB_FEATURES = 600
 _RATIO = 0.8               # Lowe's ratio test: a match must be clearly better than the runner-up
 _RANSAC_PIXELS = 6.0       # reprojection tolerance at VIEW_SIDE
 _HUE_CHROMA = 10.0         # Lab chroma from which a pixel's hue counts (below it, hue is mostly noise)
 _HUE_PIXELS = 0.05         # share of pixels colourful on both sides needed to compare hues
+_SMOOTH_PRECHECK = 0.5     # correlation of 24x24 thumbnails below which dense alignment is not tried
 
 
 @dataclass(frozen=True)
@@ -205,11 +206,14 @@ def _fit(a: View, b: View, mirrored: bool, thresholds: GeometryThresholds) -> Ge
     if mirrored:
         b_grey, b_chroma = np.ascontiguousarray(b.grey[:, ::-1]), np.ascontiguousarray(b.chroma[:, ::-1])
     containment = _containment(transform, b_grey.shape, a.grey.shape)
-    correlation, hue_difference = _overlap_statistics(a, b_grey, b_chroma, transform)
     checks = [(inliers >= thresholds.min_inliers, "too few inliers"),
               (share >= thresholds.min_inlier_share, "inliers are a small share of the matches"),
-              (containment >= thresholds.min_containment, "the frames overlap too little"),
-              (correlation >= thresholds.min_correlation, "aligned pixels do not agree"),
+              (containment >= thresholds.min_containment, "the frames overlap too little")]
+    failed = next((reason for ok, reason in checks if not ok), "")
+    if failed:   # the pixel checks cost most: only for a map that could be a copy's
+        return Geometry(False, inliers, share, containment, mirrored=mirrored, reason=failed)
+    correlation, hue_difference = _overlap_statistics(a, b_grey, b_chroma, transform)
+    checks = [(correlation >= thresholds.min_correlation, "aligned pixels do not agree"),
               (hue_difference <= thresholds.max_hue_difference, "colours differ")]
     failed = next((reason for ok, reason in checks if not ok), "")
     return Geometry(not failed, inliers, share, containment, correlation, hue_difference, mirrored, failed)
@@ -222,6 +226,11 @@ def _smooth_match(a: View, b: View, mirrored: bool, thresholds: GeometryThreshol
     size = (max(8, round(width * scale)), max(8, round(height * scale)))
     target = cv2.resize(a.grey, size, interpolation=cv2.INTER_AREA).astype(np.float32)
     source = cv2.resize(b.grey[:, ::-1] if mirrored else b.grey, size, interpolation=cv2.INTER_AREA).astype(np.float32)
+    # A copy cropped by 30 % or turned by 5 degrees still correlates at 24 pixels; most other pairs do not,
+    # and are refused before the (costly) dense alignment.
+    if _correlation(cv2.resize(target, (24, 24), interpolation=cv2.INTER_AREA),
+                    cv2.resize(source, (24, 24), interpolation=cv2.INTER_AREA)) < _SMOOTH_PRECHECK:
+        return Geometry(False, mirrored=mirrored, reason="too few keypoints, and the small images differ")
     warp = np.eye(2, 3, dtype=np.float32)
     try:
         correlation, warp = cv2.findTransformECC(target, source, warp, cv2.MOTION_AFFINE,

@@ -8,14 +8,14 @@ decode must have; bad ones carry a substring of the ``ImageError.reason``.
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from .pixels import blank_png
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 WHITE, BLACK = (255, 255, 255), (0, 0, 0)
@@ -198,23 +198,6 @@ _UPRIGHT_PIXELS = (((8, 8), RED), ((40, 8), WHITE), ((8, 24), WHITE), ((40, 24),
 
 # -- decompression bombs -----------------------------------------------------------
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def _blank_bilevel_png(width: int, height: int) -> bytes:
-    """A valid all-black 1-bit PNG; zeros compress about 1000:1, so a huge image is a small file."""
-    row = bytes(1 + (width + 7) // 8)  # filter byte + packed bits
-    compressor = zlib.compressobj(9)
-    rows_per_chunk = max(1, (1 << 20) // len(row))
-    parts = [compressor.compress(row * min(rows_per_chunk, height - start))
-             for start in range(0, height, rows_per_chunk)]
-    parts.append(compressor.flush())
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1 bit, greyscale
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
-            + _png_chunk(b"IDAT", b"".join(parts)) + _png_chunk(b"IEND", b""))
-
-
 # -- other formats -------------------------------------------------------------------
 
 _QUADRANTS = {(0, 0, 20, 16): RED, (20, 0, 40, 16): GREEN, (0, 16, 20, 32): BLUE}  # rest white
@@ -248,8 +231,8 @@ CORPUS: dict[str, tuple[Callable[[], bytes], Expectation]] = {
     **{f"orientation_{n}.jpg": (_oriented_jpeg(n), Expectation(
         size=(48, 32), format="JPEG", tolerance=40, pixels=_UPRIGHT_PIXELS)) for n in range(1, 9)},
     # Pillow refuses above 2x MAX_IMAGE_PIXELS, and only warns between 1x and 2x.
-    "bomb.png": (lambda: _blank_bilevel_png(20000, 20000), Expectation(reason="decompression bomb")),
-    "bomb_warning.png": (lambda: _blank_bilevel_png(10000, 10000), Expectation(reason="decompression bomb")),
+    "bomb.png": (lambda: blank_png(20000, 20000, rgb=False), Expectation(reason="decompression bomb")),
+    "bomb_warning.png": (lambda: blank_png(10000, 10000, rgb=False), Expectation(reason="decompression bomb")),
     "photo.webp": (lambda: _encode(_blocks(40, 32, _QUADRANTS), "WEBP", quality=90), Expectation(
         size=(40, 32), format="WEBP", tolerance=24, pixels=_QUADRANT_PIXELS)),
     "photo.tif": (lambda: _encode(_blocks(40, 32, _QUADRANTS), "TIFF", compression="tiff_lzw"), Expectation(

@@ -42,7 +42,7 @@ if failure:
 $body$;
 COMMENT ON PROCEDURE lookalike.hash_images IS 'Perceptual hashes for every loaded image that has none';
 
-CREATE OR REPLACE PROCEDURE lookalike.dedupe(rule text DEFAULT 'near', hash text DEFAULT NULL, size int DEFAULT NULL,
+CREATE OR REPLACE PROCEDURE lookalike.dedupe(rule text DEFAULT 'verified', hash text DEFAULT NULL, size int DEFAULT NULL,
                                               max_distance int DEFAULT NULL)
 LANGUAGE plpython3u AS $body$
 if "lookalike" not in GD:
@@ -54,7 +54,7 @@ failure = GD["lookalike"].call(plpy, "dedupe", @STORE_PATH@, rule=rule, hash=has
 if failure:
     raise failure
 $body$;
-COMMENT ON PROCEDURE lookalike.dedupe IS 'Group duplicates by their hashes: rule exact or near; NULL hash, size, max_distance: the rule''s defaults';
+COMMENT ON PROCEDURE lookalike.dedupe IS 'Group duplicates: rule verified (hash and embedding candidates, each checked), exact or near; NULL hash, size, max_distance: the rule''s defaults';
 
 CREATE OR REPLACE PROCEDURE lookalike.featurize_images(backbone text DEFAULT 'efficientnet-lite0', batch_size int DEFAULT 32)
 LANGUAGE plpython3u AS $body$
@@ -132,7 +132,7 @@ failure = GD["lookalike"].call(plpy, "run_once", @STORE_PATH@, source=source)
 if failure:
     raise failure
 $body$;
-COMMENT ON PROCEDURE lookalike.run_once IS 'The whole pipeline: load (when source is given), hash, dedupe, featurize, split, train, evaluate, rank';
+COMMENT ON PROCEDURE lookalike.run_once IS 'The whole pipeline: load (when source is given), hash, featurize, dedupe, split, train, evaluate, rank';
 
 CREATE OR REPLACE FUNCTION lookalike.similar_images(query_image_id bigint, k int DEFAULT 10)
 RETURNS TABLE (rank int, image_id bigint, label text, distance float8, similarity float8, source text)
