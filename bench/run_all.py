@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHES = ["bench_load", "bench_hashing", "bench_neardup", "bench_dedupe_quality", "bench_featurize",
+BENCHES = ["bench_load", "bench_hashing", "bench_neardup", "bench_dedupe_quality", "bench_dedupe_speed", "bench_featurize",
            "bench_evaluate", "bench_search", "bench_api", "bench_export", "bench_plpython"]
 
 
