@@ -159,7 +159,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_store_check(args) -> int:
-    from .store import check_store
+    from .store_check import check_store
     with _open_db(args) as db:
         check = check_store(db, fix=args.fix, grace=args.grace)
     print("\n".join(check.lines()))

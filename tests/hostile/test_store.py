@@ -386,7 +386,7 @@ def test_store_check_marks_missing_and_damaged_rows_failed_and_never_follows_lin
 @pytest.mark.timeout(120)
 def test_check_store_on_both_databases(db, tmp_path):
     from lookalike.ingest import load_images
-    from lookalike.store import check_store
+    from lookalike.store_check import check_store
 
     make_images(tmp_path / "src", 4)
     assert load_images(db, tmp_path / "src", progress=False).loaded == 4
