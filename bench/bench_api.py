@@ -1,7 +1,7 @@
 """Web API speed: /api/similar over loopback against the in-process search step it wraps, in the same run.
 
 The collection is SQLite with 100,000 stored vectors (--quick: 10,000): synthetic unit
-vectors shaped like CNN embeddings (``vectors.clustered_embeddings``) written straight
+vectors shaped like CNN embeddings (``bench/synthetic_embeddings.py``) written straight
 into ``embeddings`` under the real backbone's feature-model row, with an image row each
 (featurizing 100k images would take hours here). Queries by a new image therefore run
 the real EfficientNet-Lite0 on the query, then search the synthetic vectors.
@@ -35,7 +35,7 @@ from lookalike.backbones import load_backbone
 from lookalike.db import Database, embeddings, feature_models, images, now, vector_bytes
 from lookalike.samples import render_samples
 from lookalike.search import collection, similar_images
-from lookalike.vectors import clustered_embeddings
+from synthetic_embeddings import clustered_embeddings
 
 LABELS = ("dotted", "striped", "leopard")
 K = 10

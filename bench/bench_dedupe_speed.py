@@ -4,7 +4,7 @@
 
 The collection is synthetic: 128-bit row+column dHashes (5 % planted near
 copies within 8 bits) and clustered unit embeddings shaped like pooled CNN
-features (``vectors.clustered_embeddings``), written into a SQLite file as
+features (``bench/synthetic_embeddings.py``), written into a SQLite file as
 the hash and featurize steps would. Synthetic rows have no pixels, so the run
 is timed in two parts:
 
@@ -35,7 +35,7 @@ from PIL import Image
 from lookalike.db import Database, embeddings, feature_models, hashed_images, image_hashes, images, now, vector_bytes
 from lookalike.dedupe import DedupeSummary, VerifiedThresholds, _Verifier, candidate_pairs, dedupe_images
 from lookalike.samples import COPY_OPS, copy_image
-from lookalike.vectors import clustered_embeddings
+from synthetic_embeddings import clustered_embeddings
 
 BATCH = 5_000
 

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from skimage import data
 
-from lookalike.hashing import DRAFT_SIZE, compute_hashes
+from lookalike.phash import DRAFT_SIZE, compute_hashes
 from lookalike.images import open_image
 
 PHOTOS = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), data.immunohistochemistry(),

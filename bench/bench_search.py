@@ -21,10 +21,11 @@ import time
 import faiss
 import numpy as np
 
-from lookalike.vectors import ExactIndex, IVFIndex, clustered_embeddings, recall_at_k
+from lookalike.vectors import ExactIndex, IVFIndex, recall_at_k
+from synthetic_embeddings import clustered_embeddings
 
 K = 10
-DATA = ("clustered synthetic embeddings (lookalike.vectors.clustered_embeddings): n/100 cluster centres "
+DATA = ("clustered synthetic embeddings (bench/synthetic_embeddings.py): n/100 cluster centres "
         "of lognormal popularity, n/20 sub-centres, items around those, in a 96-d latent subspace "
         "(anisotropic spread), through a random 1280-d linear layer + positive bias + ReLU, plus "
         "N(0, 0.05^2) noise, 5% near-copies, L2-normalised; queries drawn from the same distribution "

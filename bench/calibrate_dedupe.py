@@ -17,7 +17,6 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import sqlalchemy as sa
 
 from lookalike.db import Database
 from lookalike.dedupe import (NEAR_DEFAULT_HASH, VERIFIED_MAX_DISTANCE, DedupeSummary, VerifiedThresholds,
@@ -66,7 +65,7 @@ def main(db_url: str, devset: str) -> None:
         s = similarity[[i for i, x in enumerate(kinds) if x == k]]
         print(f"  {k:<28} {len(s):>5}  {s.min():.3f} {np.quantile(s, .05):.3f} {np.median(s):.3f} {s.max():.3f}")
     views = {}
-    print("\ngeometry on pairs with similarity >= 0.5 (matched, inliers, share, containment, correlation, chroma):")
+    print("\ngeometry on pairs with similarity >= 0.5 (matched, inliers, share, containment, correlation, colour difference):")
     stats = Counter()
     for a, b, s, k in sorted(zip(first, second, similarity, kinds), key=lambda t: t[3]):
         if s < 0.5:
@@ -79,7 +78,7 @@ def main(db_url: str, devset: str) -> None:
         if (k.startswith("copy") and not g.matched) or (k.startswith("negative") and g.matched) or "hard" in k \
                 or not k.endswith("other"):
             print(f"  {k:<28} s={s:.3f} {g.matched!s:5} {g.inliers:4} {g.inlier_share:.2f} {g.containment:.2f} "
-                  f"{g.correlation:.2f} {g.hue_difference:5.1f} {g.reason}  {names[a]} {names[b]}")
+                  f"{g.correlation:.2f} {g.colour_difference:5.2f} {g.reason}  {names[a]} {names[b]}")
     print(stats)
 
 

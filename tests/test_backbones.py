@@ -16,6 +16,7 @@ from skimage import data
 
 from lookalike.backbones import (Backbone, BackboneInfo, available_backbones, embed_sources, load_backbone,
                                  register)
+from lookalike.errors import BadInput
 from lookalike.images import open_image
 
 TABBY_TO_EGYPTIAN_CAT = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -141,7 +142,7 @@ def test_unknown_backbone_is_a_clear_error():
 
 def test_cuda_request(lite0, photos):
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="CUDA is not available"):
+        with pytest.raises(BadInput, match="CUDA is not available"):  # a user error: exit 2, not a traceback
             load_backbone(device="cuda")
         return
     on_gpu = load_backbone(device="cuda")

@@ -14,11 +14,12 @@ import pytest
 import sqlalchemy as sa
 from PIL import Image, ImageFilter
 
-from lookalike.db import Database, dedupe_runs, duplicate_groups, hashed_images, image_hashes, images, now, runs
-from lookalike.dedupe import (dedupe_images, ensure_views, hamming_sql, image_dhash, is_duplicate,
-                              register_sqlite_functions, unique_counts, unique_images)
-from lookalike.hashing import compute_hashes, hamming_hex, is_low_detail
+from lookalike.db import (Database, dedupe_runs, duplicate_groups, ensure_views, hamming_sql, hashed_images,
+                         image_dhash, image_hashes, images, now, register_sqlite_functions, runs, unique_images)
+from lookalike.dedupe import dedupe_images, is_duplicate, unique_counts
+from lookalike.hamming import hamming_hex
 from lookalike.images import open_image, probe
+from lookalike.phash import compute_hashes, is_low_detail
 from lookalike.reports import duplicate_groups_report, plot_unique_counts, write_html
 
 _sha_numbers = itertools.count()

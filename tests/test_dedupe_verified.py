@@ -178,7 +178,8 @@ def test_defaults_are_the_same_from_python_the_cli_and_the_pipeline():
     assert inspect.signature(dedupe_images).parameters["rule"].default == DEFAULT_RULE == "verified"
     assert inspect.signature(run_pipeline).parameters["dedupe_rule"].default == DEFAULT_RULE
     assert inspect.signature(is_duplicate).parameters["rule"].default == DEFAULT_RULE
-    for command in (["dedupe"], ["run"], ["is-duplicate", "x.jpg"]):
+    for command in (["dedupe"], ["is-duplicate", "x.jpg"]):
         assert parser.parse_args(command).rule == DEFAULT_RULE
+    assert parser.parse_args(["run"]).dedupe_rule == DEFAULT_RULE  # run's names: run_pipeline's keywords
     args = parser.parse_args(["run", "--rule", "near", "--max-distance", "8", "--size", "6"])
-    assert (args.rule, args.max_distance, args.size) == ("near", 8, 6)
+    assert (args.dedupe_rule, args.max_distance, args.dedupe_size) == ("near", 8, 6)

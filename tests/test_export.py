@@ -23,9 +23,10 @@ from lookalike.db import Database, dedupe_runs, duplicate_groups, images, runs, 
 from lookalike.dedupe import dedupe_images
 from lookalike.export import (CSV_MANIFEST, TRANSFER_MANIFEST, ExportError, export_images, label_segment,
                               plan_export)
-from lookalike.hashing import compute_hashes, hash_images
+from lookalike.hashing import hash_images
 from lookalike.images import EXTENSIONS, open_image, probe
 from lookalike.ingest import load_images
+from lookalike.phash import compute_hashes
 from lookalike.samples import render_samples
 from lookalike.split import split_images
 from support.azurite import ACCOUNT_KEY, Azurite, find_azurite

@@ -13,10 +13,11 @@ import pytest
 from PIL import Image, ImageDraw
 from skimage import data
 
-from lookalike.hashing import (DRAFT_HASHER_VERSION, HASHER_VERSION, KINDS, HashValue, _exact_column,
-                               _pass_order, _resample_matrix, _resize_many, _whash_replay, compute_hashes,
-                               hamming_hex, is_low_detail)
+from lookalike.hamming import hamming_hex
 from lookalike.images import open_image
+from lookalike.phash import (DRAFT_HASHER_VERSION, HASHER_VERSION, KINDS, HashValue, _exact_column,
+                             _pass_order, _resample_matrix, _resize_many, _whash_replay, compute_hashes,
+                             is_low_detail)
 from support.corpus import CORPUS
 
 # dhash 1.4 calls Image.getdata, deprecated in Pillow 13: the reference's warning, not ours.

@@ -21,6 +21,7 @@ from lookalike.db import Database, embeddings, images, models, runs, splits
 from lookalike.pipeline import run_pipeline
 from lookalike.samples import render_samples
 from lookalike.search import similar_images
+from support.cli import lookalike
 
 LOOKALIKE = [sys.executable, "-m", "lookalike.cli"]
 NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "query_similar_images.ipynb"
@@ -30,6 +31,12 @@ PER_LABEL = 16
 @pytest.fixture(scope="module")
 def sample_set(tmp_path_factory):
     return render_samples(tmp_path_factory.mktemp("samples"), per_label=PER_LABEL, seed=7)
+
+
+@pytest.fixture(scope="module")
+def many_samples(tmp_path_factory):
+    """About 200 images: featurize runs for several seconds and commits many batches (shared, read only)."""
+    return render_samples(tmp_path_factory.mktemp("many"), per_label=60, seed=11)
 
 
 def outcome(db: Database) -> dict:
@@ -109,16 +116,16 @@ def test_cli_similar_sheet_and_json(sqlite_run, sample_set, tmp_path):
     url = str(db.url)
     sheet = tmp_path / "top10.png"
     query = sample_set.root / "striped" / "striped_0001.jpg"
-    done = subprocess.run(LOOKALIKE + ["--db", url, "similar", str(query), "--sheet", str(sheet), "--json"],
-                          capture_output=True, text=True, check=True)
-    rows = json.loads(done.stdout)
+    # In this process: three commands would otherwise load the model three times.
+    done = lookalike("--db", url, "similar", query, "--sheet", sheet, "--json")
+    assert done.code == 0, done.err
+    rows = json.loads(done.out)
     assert [r["rank"] for r in rows] == list(range(1, 11))
-    exact = subprocess.run(LOOKALIKE + ["--db", url, "similar", str(query), "--json", "--index", "exact"],
-                           capture_output=True, text=True, check=True)
-    assert [r["image_id"] for r in json.loads(exact.stdout)] == [r["image_id"] for r in rows]
-    ivf = subprocess.run(LOOKALIKE + ["--db", url, "similar", str(query), "--index", "ivf"],
-                         capture_output=True, text=True)
-    assert ivf.returncode == 2 and "IVF index needs at least 1000 vectors" in ivf.stderr
+    exact = lookalike("--db", url, "similar", query, "--json", "--index", "exact")
+    assert exact.code == 0, exact.err
+    assert [r["image_id"] for r in json.loads(exact.out)] == [r["image_id"] for r in rows]
+    ivf = lookalike("--db", url, "similar", query, "--index", "ivf")
+    assert ivf.code == 2 and "IVF index needs at least 1000 vectors" in ivf.err
     with Image.open(sheet) as img:
         assert img.width > 600 and img.height > 300
 
@@ -138,9 +145,8 @@ def test_notebook_runs(sqlite_run):
 
 
 @pytest.mark.slow
-def test_killed_featurize_resumes_with_one_embedding_per_image(tmp_path):
-    # Enough images that featurize runs for several seconds and commits more than once.
-    sample_set = render_samples(tmp_path / "many", per_label=100, seed=11)
+def test_killed_featurize_resumes_with_one_embedding_per_image(many_samples, tmp_path):
+    sample_set = many_samples
     url = f"sqlite:///{tmp_path}/kill.db"
     subprocess.run(LOOKALIKE + ["--db", url, "load", str(sample_set.manifest)], check=True, capture_output=True)
     proc = subprocess.Popen(LOOKALIKE + ["--db", url, "featurize", "--batch-size", "8"],
@@ -167,10 +173,12 @@ def test_killed_featurize_resumes_with_one_embedding_per_image(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_during_run_keeps_finished_work_and_a_rerun_finishes(tmp_path):
-    sample_set = render_samples(tmp_path / "many", per_label=100, seed=5)
+def test_ctrl_c_during_run_keeps_finished_work_and_a_rerun_finishes(many_samples, tmp_path):
+    sample_set = many_samples
     url = f"sqlite:///{tmp_path}/interrupt.db"
-    proc = subprocess.Popen(LOOKALIKE + ["--db", url, "run", str(sample_set.manifest)],
+    # The near rule: what is tested is the interrupt and the resume, not dedupe (the verified
+    # rule's geometry on these 200 images would be most of this test's time).
+    proc = subprocess.Popen(LOOKALIKE + ["--db", url, "run", str(sample_set.manifest), "--rule", "near"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     engine = sa.create_engine(url)
     deadline = time.monotonic() + 240
@@ -188,7 +196,8 @@ def test_ctrl_c_during_run_keeps_finished_work_and_a_rerun_finishes(tmp_path):
     assert proc.returncode == 130, err
     assert "[hash]" in out and "[featurize]" in out and "[split]" not in out and "interrupted" in out
 
-    rerun = subprocess.run(LOOKALIKE + ["--db", url, "run"], capture_output=True, text=True, check=True)
+    rerun = subprocess.run(LOOKALIKE + ["--db", url, "run", "--rule", "near"], capture_output=True, text=True,
+                           check=True)
     assert "hash: 0 hashed" in rerun.stdout and "[rank]" in rerun.stdout
     with Database(url) as db, db.engine.connect() as conn:
         counts = conn.execute(sa.text("SELECT image_id, count(*) FROM embeddings GROUP BY image_id")).all()

@@ -155,7 +155,7 @@ def test_install_makes_a_server_readable_package_folder(steps_db, pg_cluster, wo
                                      "similar_images"}
     assert (target / TARGET_MARKER).is_file() and (target / "torch" / "__init__.py").is_file()
     assert (target / "lookalike" / "plpython.py").stat().st_mode & 0o777 == 0o644
-    assert (target / "lookalike" / "sql").stat().st_mode & 0o777 == 0o755
+    assert (target / "lookalike" / "web").stat().st_mode & 0o777 == 0o755
     assert rows(steps_db.url, "SELECT value FROM settings WHERE key = 'plpython_path'") == [(str(target),)]
     # Installing again reuses the folder while it holds the very same packages (the first call
     # copies again only if lookalike's own files changed since the fixture installed).
@@ -362,11 +362,12 @@ def test_cancelled_or_terminated_featurize_stops_cleanly_and_keeps_its_work(pg_c
 
 
 def _turned_copies(samples: Path, out: Path) -> Path:
-    """Each sample image turned and flipped every other way: new images, same labels."""
+    """Each sample image turned three ways: new images, same labels (four times the samples in all,
+    dozens of batches of 4, so each stop lands mid-featurize)."""
     for path in samples.glob("*/*.jpg"):
         image = open_image(path)
         (out / path.parent.name).mkdir(parents=True, exist_ok=True)
-        for turn in Image.Transpose:
+        for turn in (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.FLIP_LEFT_RIGHT):
             image.transpose(turn).save(out / path.parent.name / f"{path.stem}_{turn.name.lower()}.jpg", quality=90)
     return out
 

@@ -10,8 +10,8 @@ import sys
 import pytest
 import sqlalchemy as sa
 
-from lookalike.db import Database, dedupe_runs, duplicate_groups, images, now, runs, splits
-from lookalike.split import count_test_images, split_images, split_number, unique_image_ids
+from lookalike.db import Database, dedupe_runs, duplicate_groups, images, now, runs, splits, unique_image_ids
+from lookalike.split import count_test_images, split_images, split_number
 from lookalike.status import collection_status
 
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from lookalike import vectors
-from lookalike.vectors import (ExactIndex, IVFIndex, build_index, clustered_embeddings, default_nlist,
-                               recall_at_k)
+from lookalike.vectors import ExactIndex, IVFIndex, build_index, default_nlist, recall_at_k
+from synthetic_embeddings import clustered_embeddings
 
 
 def brute_force_cosine(data: np.ndarray, queries: np.ndarray) -> np.ndarray:

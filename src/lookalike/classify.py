@@ -39,6 +39,8 @@ from sqlalchemy.engine import Connection, Row
 
 from .db import (Database, embeddings, images, models, now, recorded_run, scores, splits,
                  vector_bytes, vector_from_bytes)
+from .errors import BadInput, Precondition
+from .steps import default
 from .features import DEFAULT_BACKBONE, latest_feature_model
 
 # Types a stored classifier may hold beyond those skops trusts by default (scikit-learn
@@ -93,7 +95,7 @@ def make_candidate(kind: str, seed: int) -> Pipeline:
     elif kind == "mlp":
         classifier = MLPClassifier(hidden_layer_sizes=(128,), alpha=1e-3, max_iter=300, random_state=seed)
     else:
-        raise ValueError(f"unknown classifier kind {kind!r}; expected one of {CANDIDATES}")
+        raise BadInput(f"unknown classifier kind {kind!r}; expected one of {CANDIDATES}")
     return make_pipeline(StandardScaler(), classifier)
 
 
@@ -109,17 +111,17 @@ def load_classifier(db: Database, model_id: int | None = None) -> tuple[BaseEsti
             else query.order_by(models.c.id.desc()).limit(1)
         row = conn.execute(query).first()
     if row is None:
-        raise LookupError("no trained classifier: run `lookalike train` first" if model_id is None
-                          else f"no classifier with id {model_id}")
+        raise Precondition("no trained classifier: run `lookalike train` first" if model_id is None
+                           else f"no classifier with id {model_id}")
     estimator = skops.io.loads(row.model, trusted=TRUSTED_TYPES)
     return estimator, json.loads(row.classes), row
 
 
-def train_classifier(db: Database, *, feature_model: str = DEFAULT_BACKBONE, seed: int = 0,
-                     cv_folds: int = 5) -> TrainSummary:
+def train_classifier(db: Database, *, feature_model: str = DEFAULT_BACKBONE, seed: int = default("train", "seed"),
+                     cv_folds: int = default("train", "cv_folds")) -> TrainSummary:
     """Train (or reuse) a classifier on the train split's embeddings; score every embedded image."""
     if cv_folds < 2:
-        raise ValueError(f"cv_folds must be at least 2, not {cv_folds}")
+        raise BadInput(f"cv_folds must be at least 2, not {cv_folds}")
     seed = int(seed)
     with recorded_run(db, "train", {"feature_model": feature_model, "seed": seed, "cv_folds": cv_folds}) as counts:
         with db.engine.connect() as conn:
@@ -149,7 +151,7 @@ class _SplitData:
 
 def _split_data(conn: Connection, feature_model_id: int) -> _SplitData:
     if conn.execute(sa.select(sa.func.count()).select_from(splits)).scalar_one() == 0:
-        raise LookupError("no train/test split: run `lookalike split` first")
+        raise Precondition("no train/test split: run `lookalike split` first")
     rows = conn.execute(
         sa.select(images.c.sha256, images.c.label, splits.c.split, embeddings.c.vector)
         .select_from(splits.join(images, images.c.id == splits.c.image_id)
@@ -159,11 +161,11 @@ def _split_data(conn: Connection, feature_model_id: int) -> _SplitData:
     ).all()
     is_test = np.array([r.split == "test" for r in rows], dtype=bool)
     if not rows or is_test.all():
-        raise LookupError("no embeddings for the train split: run `lookalike featurize` first")
+        raise Precondition("no embeddings for the train split: run `lookalike featurize` first")
     labels = np.array([r.label for r in rows], dtype=object)
     if len(set(labels[~is_test])) < 2:
-        raise ValueError(f"need at least 2 labels among the train images to train a classifier, "
-                         f"found {sorted(set(labels[~is_test]))}")
+        raise BadInput(f"need at least 2 labels among the train images to train a classifier, "
+                       f"found {sorted(set(labels[~is_test]))}")
     matrix = np.stack([vector_from_bytes(r.vector) for r in rows])
     return _SplitData([r.sha256 for r in rows], labels, is_test, matrix)
 

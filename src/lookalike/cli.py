@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 
-from . import __version__
 from sqlalchemy.exc import DBAPIError
 
-from .config import ConfigError, mask_secrets
-from .images import ImageError
+from . import __version__
+from .config import mask_secrets
+from .errors import EXIT_BROKEN_PIPE, EXIT_BUG, EXIT_INTERRUPTED, EXIT_USER_ERROR, describe
 from .store import DEFAULT_GRACE_S, StoreError
+from .steps import REQUIRED, RUN_STEPS, STEPS, Param, procedures_sql, run_params
 
 log = logging.getLogger("lookalike")
 
 
 def _open_db(args):
-    from .db import Database
+    from .db import Database  # lazy: a cold --help loads no step
     return Database(args.db, args.store)
 
 
@@ -27,9 +32,8 @@ def _progress(args) -> bool:
 
 
 def cmd_samples(args) -> int:
-    from .samples import render_samples, samples_contact_sheet
-    result = render_samples(args.dir, per_label=args.per_label, seed=args.seed, copy_share=args.copy_share,
-                            progress=_progress(args))
+    from .samples import render_samples, samples_contact_sheet  # lazy: a cold --help loads no step
+    result = render_samples(**_kwargs(args, "samples"), progress=_progress(args))
     print(f"rendered {result.images} images ({result.copies} near-copies) into {result.root}")
     print("  " + ", ".join(f"{label}: {n}" for label, n in result.per_label.items()))
     print(f"  manifest: {result.manifest}\n  ground truth: {result.ground_truth}")
@@ -40,15 +44,15 @@ def cmd_samples(args) -> int:
 
 
 def cmd_load(args) -> int:
-    from .db import committed_since, describe_db_error, now
-    from .ingest import FetchLimits, load_images
+    from .db import committed_since, describe_db_error, now  # lazy: a cold --help loads no step
+    from .ingest import load_images  # lazy: a cold --help loads no step
+    from .net import FetchLimits  # lazy: a cold --help loads no step
     limits = FetchLimits(max_bytes=args.max_bytes, timeout=args.timeout, deadline=args.deadline,
                          retries=args.retries)
     with _open_db(args) as db:
         started = now()
         try:
-            summary = load_images(db, args.source, label_column=args.label_column, concurrency=args.concurrency,
-                                  limits=limits, progress=_progress(args))
+            summary = load_images(db, **_kwargs(args, "load"), limits=limits, progress=_progress(args))
         except (StoreError, DBAPIError) as exc:   # disk full, read-only: say what the load kept
             reason = str(exc) if isinstance(exc, StoreError) else describe_db_error(exc)
             print(f"error: {mask_secrets(reason)}; kept {committed_since(db, started)}; "
@@ -59,27 +63,24 @@ def cmd_load(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from .status import collection_status
+    from .status import collection_status  # lazy: a cold --help loads no step
     with _open_db(args) as db:
         print("\n".join(collection_status(db).lines()))
     return 0
 
 
 def cmd_hash(args) -> int:
-    from .hashing import hash_images
+    from .hashing import hash_images  # lazy: a cold --help loads no step
     with _open_db(args) as db:
-        summary = hash_images(db, imagehash_sizes=args.imagehash_sizes, draft=args.draft, progress=_progress(args))
+        summary = hash_images(db, **_kwargs(args, "hash"), progress=_progress(args))
     print("\n".join(summary.lines()))
     return 130 if summary.interrupted else 0
 
 
 def cmd_dedupe(args) -> int:
-    from .dedupe import dedupe_images
+    from .dedupe import dedupe_images  # lazy: a cold --help loads no step
     with _open_db(args) as db:
-        summary = dedupe_images(db, rule=args.rule, hash_kind=args.hash, size=args.size,
-                                max_distance=args.max_distance, per_label=args.per_label,
-                                include_low_detail=args.include_low_detail, backbone=args.dedupe_backbone,
-                                progress=_progress(args))
+        summary = dedupe_images(db, **_kwargs(args, "dedupe"), progress=_progress(args))
         print("\n".join(summary.lines()))
         if args.html:
             _duplicates_html(db, args.html)
@@ -87,13 +88,13 @@ def cmd_dedupe(args) -> int:
 
 
 def _duplicates_html(db, path: Path) -> None:
-    from .reports import duplicate_groups_report, write_html
+    from .reports import duplicate_groups_report, write_html  # lazy: a cold --help loads no step
     write_html(duplicate_groups_report(db), path, db)
     print(f"report: {path}")
 
 
 def cmd_duplicates(args) -> int:
-    from .reports import duplicate_groups_report
+    from .reports import duplicate_groups_report  # lazy: a cold --help loads no step
     with _open_db(args) as db:
         groups = duplicate_groups_report(db, args.run)
         if not groups:
@@ -110,26 +111,24 @@ def cmd_duplicates(args) -> int:
 
 
 def cmd_uniques(args) -> int:
-    from .dedupe import unique_counts
+    from .dedupe import unique_counts  # lazy: a cold --help loads no step
     with _open_db(args) as db:
-        table = unique_counts(db, include_low_detail=args.include_low_detail)
+        table = unique_counts(db, **_kwargs(args, "uniques"))
     print("\n".join(table.lines()))
     if args.plot:
-        from .reports import plot_unique_counts
+        from .reports import plot_unique_counts  # lazy: a cold --help loads no step
         plot_unique_counts(table, args.plot)
         print(f"plot: {args.plot}")
     return 0
 
 
 def cmd_is_duplicate(args) -> int:
-    from .dedupe import is_duplicate
-    from .ingest import FetchLimits
-    from .search import query_bytes
+    from .dedupe import is_duplicate  # lazy: a cold --help loads no step
+    from .net import FetchLimits  # lazy: a cold --help loads no step
+    from .search import query_bytes  # lazy: a cold --help loads no step
     data = query_bytes(args.image, FetchLimits())
     with _open_db(args) as db:
-        matches = is_duplicate(db, data, rule=args.rule, hash_kind=args.hash, size=args.size,
-                               max_distance=args.max_distance, limit=args.top,
-                               include_low_detail=args.include_low_detail, backbone=args.dedupe_backbone)
+        matches = is_duplicate(db, data, **_kwargs(args, "is-duplicate"))
     if not matches:
         print(f"not a duplicate: no stored image matches by the {args.rule} rule")
         return 1
@@ -142,24 +141,21 @@ def cmd_is_duplicate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_images
+    from .export import export_images  # lazy: a cold --help loads no step
     with _open_db(args) as db:
-        summary = export_images(db, args.dest, name_by=args.name_by, dry_run=args.dry_run,
-                                concurrency=args.concurrency, progress=_progress(args),
-                                create_container=args.create_container,
-                                connection_string_env=args.connection_string_env, force=args.force)
+        summary = export_images(db, **_kwargs(args, "export"), progress=_progress(args))
     print("\n".join(summary.lines()))
     return 130 if summary.interrupted else 1 if summary.failed else 0  # 1: some objects failed, re-run
 
 
 def cmd_serve(args) -> int:
-    from .web.app import serve
+    from .web.app import serve  # lazy: a cold --help loads no step
     serve(args.db, args.store, host=args.host, port=args.port, allow_private_urls=args.allow_private_urls)
     return 0
 
 
 def cmd_store_check(args) -> int:
-    from .store_check import check_store
+    from .store_check import check_store  # lazy: a cold --help loads no step
     with _open_db(args) as db:
         check = check_store(db, fix=args.fix, grace=args.grace)
     print("\n".join(check.lines()))
@@ -167,52 +163,54 @@ def cmd_store_check(args) -> int:
 
 
 def cmd_db_install(args) -> int:
-    from .plpython import install
+    from .plpython import install  # lazy: a cold --help loads no step
     print("\n".join(install(args.db, args.target, store_dir=args.store).lines()))
     return 0
 
 
+def cmd_db_sql(args) -> int:
+    print(procedures_sql(), end="")
+    return 0
+
+
 def cmd_db_uninstall(args) -> int:
-    from .plpython import uninstall
+    from .plpython import uninstall  # lazy: a cold --help loads no step
     print("\n".join(uninstall(args.db, drop_data=args.drop_data).lines()))
     return 0
 
 
 def cmd_featurize(args) -> int:
-    from .features import featurize_images
+    from .features import featurize_images  # lazy: a cold --help loads no step
     with _open_db(args) as db:
-        summary = featurize_images(db, backbone=args.backbone, device=args.device, batch_size=args.batch_size,
-                                   progress=_progress(args))
+        summary = featurize_images(db, **_kwargs(args, "featurize"), progress=_progress(args))
     print("\n".join(summary.lines()))
     return 130 if summary.interrupted else 0
 
 
 def cmd_split(args) -> int:
-    from .split import split_images
+    from .split import split_images  # lazy: a cold --help loads no step
     with _open_db(args) as db:
-        print("\n".join(split_images(db, test_ratio=args.test_ratio, seed=args.seed).lines()))
+        print("\n".join(split_images(db, **_kwargs(args, "split")).lines()))
     return 0
 
 
 def cmd_train(args) -> int:
-    from .classify import train_classifier
+    from .classify import train_classifier  # lazy: a cold --help loads no step
     with _open_db(args) as db:
-        print("\n".join(train_classifier(db, feature_model=args.backbone, seed=args.seed).lines()))
+        print("\n".join(train_classifier(db, **_kwargs(args, "train")).lines()))
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate_model
+    from .evaluate import evaluate_model  # lazy: a cold --help loads no step
     with _open_db(args) as db:
-        summary = evaluate_model(db, queries_per_label=args.queries_per_label,
-                                 negatives_per_query=args.negatives, seed=args.seed,
-                                 feature_model=args.backbone, plot=args.plot)
+        summary = evaluate_model(db, **_kwargs(args, "evaluate"))
     print("\n".join(summary.lines()))
     return 0
 
 
 def cmd_query(args) -> int:
-    from .search import add_queries
+    from .search import add_queries  # lazy: a cold --help loads no step
     with _open_db(args) as db:
         ids = add_queries(db, args.images)
     print(f"{len(ids)} queries in query_images (ids {', '.join(map(str, ids))})")
@@ -220,23 +218,22 @@ def cmd_query(args) -> int:
 
 
 def cmd_rank(args) -> int:
-    from .search import rank_queries
+    from .search import rank_queries  # lazy: a cold --help loads no step
     with _open_db(args) as db:
-        print("\n".join(rank_queries(db, top=args.top, space=args.space, backbone=args.backbone).lines()))
+        print("\n".join(rank_queries(db, **_kwargs(args, "rank")).lines()))
     return 0
 
 
 def cmd_similar(args) -> int:
-    import json
-    from .ingest import FetchLimits
-    from .search import query_bytes, similar_images
+    from .net import FetchLimits  # lazy: a cold --help loads no step
+    from .search import query_bytes, similar_images  # lazy: a cold --help loads no step
     # A path or URL is read once: the search and the contact sheet use the same bytes.
-    query = args.image if args.image.isdigit() else query_bytes(args.image, FetchLimits())
+    given = args.query
+    args.query = given if given.isdigit() else query_bytes(given, FetchLimits())
     with _open_db(args) as db:
-        matches = similar_images(db, query, k=args.top, space=args.space, backbone=args.backbone,
-                                 index=args.index, label=args.label)
+        matches = similar_images(db, **_kwargs(args, "similar"))
         if args.sheet:
-            _similar_sheet(db, args.image, query, matches, args.sheet)
+            _similar_sheet(db, given, args.query, matches, args.sheet)
     if args.json:
         print(json.dumps([m.as_dict() for m in matches], indent=2))
     else:
@@ -250,9 +247,9 @@ def cmd_similar(args) -> int:
 
 
 def _similar_sheet(db, name: str, query: str | bytes, matches, path: Path) -> None:
-    from .images import open_image
-    from .search import image_sha256
-    from .sheets import contact_sheet
+    from .images import open_image  # lazy: a cold --help loads no step
+    from .search import image_sha256  # lazy: a cold --help loads no step
+    from .sheets import contact_sheet  # lazy: a cold --help loads no step
     query_data = query if isinstance(query, bytes) else db.store.get(image_sha256(db, int(query)))
     tiles = [(open_image(query_data), "query")]
     tiles += [(open_image(db.store.get(image_sha256(db, m.image_id))),
@@ -262,31 +259,56 @@ def _similar_sheet(db, name: str, query: str | bytes, matches, path: Path) -> No
 
 
 def cmd_run(args) -> int:
-    from .pipeline import run_pipeline
+    from .pipeline import run_pipeline  # lazy: a cold --help loads no step
     with _open_db(args) as db:
-        summary = run_pipeline(db, args.source, seed=args.seed, test_ratio=args.test_ratio, top=args.top,
-                               plot=args.plot, progress=_progress(args), device=args.device,
-                               backbone=args.backbone, dedupe_rule=args.rule, dedupe_hash=args.hash,
-                               dedupe_size=args.size, max_distance=args.max_distance,
-                               dedupe_backbone=args.dedupe_backbone)
+        summary = run_pipeline(db, **{p.name: getattr(args, p.name) for p in run_params()},
+                               progress=_progress(args))
     print("\n".join(summary.lines()))
     return 130 if summary.interrupted else 0
 
 
-def _dedupe_arguments(p: argparse.ArgumentParser, rules: tuple[str, ...] | None = None) -> None:
-    """The dedupe rule's options, shared by dedupe, is-duplicate and run; defaults are the step's own."""
-    from .dedupe import DEFAULT_BACKBONE, DEFAULT_RULE, RULES, VERIFIED_MAX_DISTANCE
-    from .hashing import KINDS
-    p.add_argument("--rule", choices=rules or RULES, default=DEFAULT_RULE,
-                   help=f"verified: hash and embedding candidates, each checked (default); exact: equal hashes, "
-                        f"in SQL; near: within --max-distance bits (default: {DEFAULT_RULE})")
-    p.add_argument("--hash", choices=KINDS, help="hash kind (default: dhash_rowcol; size 3 for exact, 8 otherwise)")
-    p.add_argument("--size", type=int, help="hash size")
-    p.add_argument("--max-distance", type=int,
-                   help=f"near rule: radius in bits (default: 10 of 128); verified rule: candidate radius "
-                        f"(default: {VERIFIED_MAX_DISTANCE})")
-    p.add_argument("--dedupe-backbone", default=DEFAULT_BACKBONE,
-                   help=f"verified rule: whose embeddings to compare (default: {DEFAULT_BACKBONE})")
+def _value_type(param: Param):
+    """argparse ``type`` for ``param``: parse, then the registry's bounds, as one clear line."""
+    def convert(text: str):
+        try:
+            value = param.type(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{param.name} must be a number, not {text!r}") from None
+        try:
+            return param.check(value)
+        except ValueError as exc:  # the registry's BadInput: out of bounds or choices
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return convert
+
+
+def _add_param(p: argparse.ArgumentParser, param: Param) -> None:
+    """One registry parameter as an argument: positional when it has no default, else its flag."""
+    shown = param.default[0] if isinstance(param.default, tuple) and len(param.default) == 1 else param.default
+    help = param.help + ("" if shown is None or shown is False or shown is REQUIRED else f" (default: {shown})")
+    if param.positional:
+        p.add_argument(param.name, type=_value_type(param), help=param.help, metavar=param.metavar,
+                       **({} if param.default is REQUIRED else {"nargs": "?", "default": param.default}))
+    elif param.type is bool:
+        p.add_argument(param.cli_flag, dest=param.name, action="store_true", help=help)
+    else:
+        metavar = param.metavar or (None if param.choices else param.cli_flag[2:].upper().replace("-", "_"))
+        p.add_argument(param.cli_flag, dest=param.name, type=_value_type(param), default=param.default,
+                       choices=param.choices, nargs=param.nargs, metavar=metavar, help=help)
+
+
+def _step_parser(sub, common: argparse.ArgumentParser, name: str, func) -> argparse.ArgumentParser:
+    """The sub-command of registry step ``name``, every parameter from the registry; ``func`` runs it."""
+    step = STEPS[name]
+    p = sub.add_parser(name, parents=[common], help=step.help)
+    for param in step.params:
+        _add_param(p, param)
+    p.set_defaults(func=func)
+    return p
+
+
+def _kwargs(args, name: str) -> dict:
+    """The step function's keyword arguments from the parsed ``args`` (the registry names them)."""
+    return STEPS[name].kwargs(vars(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,83 +325,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lookalike {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("samples", parents=[common], help="render the sample texture set into DIR")
-    p.add_argument("dir", type=Path)
-    p.add_argument("--per-label", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--copy-share", type=float, default=0.10, help="share of planted near-copies")
+    p = _step_parser(sub, common, "samples", cmd_samples)
     p.add_argument("--sheet", type=Path, help="also save a contact sheet PNG")
-    p.set_defaults(func=cmd_samples)
 
-    p = sub.add_parser("load", parents=[common], help="load images from a folder tree or a manifest")
-    p.add_argument("source", help="folder (one sub-folder per label) or manifest (.tsv/.csv/.txt)")
-    p.add_argument("--label-column", help="manifest column holding the label (default: label)")
-    p.add_argument("--concurrency", type=int, default=8)
+    # The fetch limits are the load's FetchLimits, not parameters of the step function.
+    p = _step_parser(sub, common, "load", cmd_load)
     p.add_argument("--max-bytes", type=int, default=50 * 1024 * 1024, help="size cap per image")
     p.add_argument("--timeout", type=float, default=10.0, help="connect/read timeout, seconds")
     p.add_argument("--deadline", type=float, default=120.0,
                    help="limit per URL, seconds: connect, headers, redirects, body and retries together")
     p.add_argument("--retries", type=int, default=3, help="retries on timeouts and 5xx")
-    p.set_defaults(func=cmd_load)
 
     p = sub.add_parser("status", parents=[common], help="counts per label and status")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("hash", parents=[common], help="perceptual hashes (dHash 1..8, a/d/p/wHash) for new images")
-    p.add_argument("--imagehash-sizes", type=int, nargs="+", default=[8], metavar="N",
-                   help="sizes for aHash/dHash/pHash/wHash (powers of two; default 8)")
-    p.add_argument("--draft", action="store_true",
-                   help="decode JPEGs at reduced scale: faster, hashes differ from the reference packages")
-    p.set_defaults(func=cmd_hash)
+    _step_parser(sub, common, "hash", cmd_hash)
 
-    p = sub.add_parser("dedupe", parents=[common], help="group duplicate images (never deletes)")
-    _dedupe_arguments(p)
-    p.add_argument("--per-label", action="store_true", help="group only images with the same label")
-    p.add_argument("--include-low-detail", action="store_true",
-                   help="exact and near rules: let flat images join groups (the verified rule always checks them)")
+    p = _step_parser(sub, common, "dedupe", cmd_dedupe)
     p.add_argument("--html", type=Path, help="also write an HTML report of the groups")
-    p.set_defaults(func=cmd_dedupe)
 
     p = sub.add_parser("duplicates", parents=[common], help="list the groups of the latest dedupe run")
     p.add_argument("--run", type=int, help="dedupe run id (default: the latest)")
     p.add_argument("--html", type=Path, help="write an HTML page with thumbnails, keeper marked")
     p.set_defaults(func=cmd_duplicates)
 
-    p = sub.add_parser("uniques", parents=[common], help="unique images per label at each dHash size 8..1")
+    p = _step_parser(sub, common, "uniques", cmd_uniques)
     p.add_argument("--plot", type=Path, help="save the table as a PNG plot")
-    p.add_argument("--include-low-detail", action="store_true")
-    p.set_defaults(func=cmd_uniques)
 
-    p = sub.add_parser("is-duplicate", parents=[common], help="is a new image a copy of a stored one?")
+    p = _step_parser(sub, common, "is-duplicate", cmd_is_duplicate)
     p.add_argument("image", help="a path or URL")
-    _dedupe_arguments(p, rules=("verified", "near"))
-    p.add_argument("--top", type=int, default=10, help="most matches to list (default: 10)")
-    p.add_argument("--include-low-detail", action="store_true", help="near rule: match flat images too")
-    p.set_defaults(func=cmd_is_duplicate)
 
-    p = sub.add_parser("featurize", parents=[common], help="CNN embeddings for images that have none")
-    p.add_argument("--backbone", default="efficientnet-lite0")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.set_defaults(func=cmd_featurize)
-
-    p = sub.add_parser("split", parents=[common], help="stratified train/test split of the unique images")
-    p.add_argument("--test-ratio", type=float, default=0.25)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_split)
-
-    p = sub.add_parser("train", parents=[common], help="train the classifier on the training embeddings")
-    p.add_argument("--backbone", default="efficientnet-lite0")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("evaluate", parents=[common], help="the ranking protocol: top-k accuracy, mAP, recall")
-    p.add_argument("--backbone", default="efficientnet-lite0")
-    p.add_argument("--queries-per-label", type=int, default=20)
-    p.add_argument("--negatives", type=int, default=100, help="negatives per query")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--plot", type=Path, help="save top-k accuracy curves as a PNG")
-    p.set_defaults(func=cmd_evaluate)
+    _step_parser(sub, common, "featurize", cmd_featurize)
+    _step_parser(sub, common, "split", cmd_split)
+    _step_parser(sub, common, "train", cmd_train)
+    _step_parser(sub, common, "evaluate", cmd_evaluate)
 
     p = sub.add_parser("query", parents=[common], help="manage query_images")
     qsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -387,49 +366,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("images", nargs="+")
     q.set_defaults(func=cmd_query)
 
-    p = sub.add_parser("rank", parents=[common], help="top-K for every query image into ranking_results")
-    p.add_argument("--top", type=int, default=10)
-    p.add_argument("--space", choices=["embeddings", "scores"], default="embeddings")
-    p.add_argument("--backbone", default="efficientnet-lite0")
-    p.set_defaults(func=cmd_rank)
+    _step_parser(sub, common, "rank", cmd_rank)
 
-    p = sub.add_parser("similar", parents=[common], help="the most similar stored images to an image")
-    p.add_argument("image", help="a stored image id, a path or a URL")
-    p.add_argument("--top", type=int, default=10)
-    p.add_argument("--space", choices=["embeddings", "scores"], default="embeddings")
-    p.add_argument("--backbone", default="efficientnet-lite0")
-    p.add_argument("--label", help="only images with this label (still --top of them)")
-    p.add_argument("--index", choices=["auto", "exact", "ivf"], default="auto",
-                   help="vector search: exact (NumPy), ivf (FAISS, approximate), auto: ivf from 200,000 vectors")
+    p = _step_parser(sub, common, "similar", cmd_similar)
     p.add_argument("--sheet", type=Path, help="save a contact sheet PNG of the results")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_similar)
 
-    p = sub.add_parser("run", parents=[common], help="the whole pipeline: load, hash, dedupe, featurize, "
-                                                     "split, train, evaluate, rank")
-    p.add_argument("source", nargs="?", help="folder or manifest to load first")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--test-ratio", type=float, default=0.25)
-    p.add_argument("--top", type=int, default=10)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--backbone", default="efficientnet-lite0",
-                   help="efficientnet-lite0 (whole image) or efficientnet-lite0-texture (centre, no colour)")
-    p.add_argument("--plot", type=Path, help="save the evaluation plot")
-    _dedupe_arguments(p)
+    p = sub.add_parser("run", parents=[common], help="the whole pipeline: " + ", ".join(RUN_STEPS))
+    for param in run_params():
+        _add_param(p, param)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("export", parents=[common],
-                       help="write the unique images as Train/<label>/, Test/<label>/ with a manifest")
-    p.add_argument("dest", help="a folder, or az://container/prefix (Azure Blob Storage)")
-    p.add_argument("--name-by", choices=["sha256", "dhash"], default="sha256", help="file names")
-    p.add_argument("--dry-run", action="store_true", help="list what would be written, write nothing")
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--create-container", action="store_true", help="create the blob container if missing")
-    p.add_argument("--force", action="store_true",
-                   help="overwrite a manifest.csv or transferimages.txt that lookalike did not write")
-    p.add_argument("--connection-string-env", default="AZURE_STORAGE_CONNECTION_STRING",
-                   help="environment variable holding the storage connection string")
-    p.set_defaults(func=cmd_export)
+    _step_parser(sub, common, "export", cmd_export)
 
     p = sub.add_parser("serve", parents=[common], help="the web page and JSON API")
     p.add_argument("--host", default="127.0.0.1")
@@ -454,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--target", type=Path, help="folder the server's Python imports lookalike from "
                                                "(default /var/lib/lookalike/python3.11)")
     d.set_defaults(func=cmd_db_install)
+    d = dsub.add_parser("sql", parents=[common], help="print the routines' SQL that install creates "
+                                                       "(generated from the step registry)")
+    d.set_defaults(func=cmd_db_sql)
     d = dsub.add_parser("uninstall", parents=[common], help="drop the procedures and remove the packages")
     d.add_argument("--drop-data", action="store_true", help="also drop schema lookalike and all its tables")
     d.set_defaults(func=cmd_db_uninstall)
@@ -470,14 +421,24 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
-    except (ConfigError, ValueError, LookupError, FileNotFoundError, ImageError, StoreError) as exc:
-        print(f"error: {mask_secrets(str(exc))}", file=sys.stderr)
-        return 2
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader left (`lookalike duplicates | head`): nothing went wrong here
+        with contextlib.suppress(OSError, ValueError):  # and Python's exit must not flush into the closed pipe
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except DBAPIError as exc:
-        from .db import describe_db_error
+        from .db import describe_db_error  # lazy, like every step's import: keeps NumPy out of a cold --help
         print(f"error: {mask_secrets(describe_db_error(exc))}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    except Exception as exc:
+        error = describe(exc)
+        if error is None:  # a bug: its traceback, never a bare "error:"
+            print(f"lookalike {__version__}: internal error, please report it with this traceback:",
+                  file=sys.stderr)
+            print(mask_secrets("".join(traceback.format_exception(exc))), end="", file=sys.stderr)
+            return EXIT_BUG
+        print(f"error: {mask_secrets(str(error))}", file=sys.stderr)
+        return error.exit_code
 
 
 if __name__ == "__main__":

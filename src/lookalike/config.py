@@ -9,13 +9,15 @@ from pathlib import Path
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from .errors import BadInput
+
 DEFAULT_DB = "sqlite:///lookalike.db"
 DB_ENV = "LOOKALIKE_DB"
 STORE_ENV = "LOOKALIKE_STORE"
 DEFAULT_BACKBONE = "efficientnet-lite0"   # the CNN that featurize, search and the verified dedupe use
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput):
     """A setting the user gave that cannot work; the message says what to fix."""
 
 

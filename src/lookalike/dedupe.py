@@ -40,6 +40,7 @@ registered per connection by ``db.register_sqlite_functions``).
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 from collections import Counter, OrderedDict
@@ -52,15 +53,17 @@ from sqlalchemy.engine import Connection
 from tqdm import tqdm
 
 from .config import DEFAULT_BACKBONE
-from .db import (PG_SCHEMA, VIEWS, Database, ensure_views, hamming_sql, image_dhash, register_sqlite_functions,
-                 unique_images, dedupe_runs, duplicate_groups, hashed_images, image_hashes, images, now,
-                 recorded_run, to_json)
-from .hashing import KINDS, compute_hashes, is_low_detail
+from .db import Database, dedupe_runs, duplicate_groups, hashed_images, image_hashes, images, now, recorded_run, to_json
+from .errors import BadInput, Precondition
+from .hamming import hamming_rows
 from .images import LOSSLESS_FORMATS, ImageError, open_image
 from .neardup import pairs_within
+from .phash import KINDS, compute_hashes, is_low_detail
+from .steps import STEPS, default
+from .vectors import nearest_neighbours
 
-RULES = ("verified", "exact", "near")
-DEFAULT_RULE = "verified"
+RULES = STEPS["dedupe"].param("rule").choices
+DEFAULT_RULE = default("dedupe", "rule")
 # Defaults per rule. The exact rule is the lab's dHash at size 3. The near rule
 # uses the dhash row+col hash at size 8 (128 bits) within 10 bits: of the
 # hash-only rules it had the best F1 on the sample set's planted copies
@@ -182,25 +185,25 @@ def dedupe_images(db: Database, *, rule: str = DEFAULT_RULE, hash_kind: str | No
     way no run is recorded.
     """
     if rule not in RULES:
-        raise ValueError(f"unknown dedupe rule {rule!r}; use one of: {', '.join(RULES)}")
+        raise BadInput(f"unknown dedupe rule {rule!r}; use one of: {', '.join(RULES)}")
     default_kind, default_size = EXACT_DEFAULT_HASH if rule == "exact" else NEAR_DEFAULT_HASH
     hash_kind = hash_kind or default_kind
     if hash_kind not in KINDS:
-        raise ValueError(f"unknown hash kind {hash_kind!r}; use one of: {', '.join(KINDS)}")
+        raise BadInput(f"unknown hash kind {hash_kind!r}; use one of: {', '.join(KINDS)}")
     size = (default_size if hash_kind == default_kind else 8) if size is None else int(size)
     if hash_kind == "dhash_rowcol" and size not in DHASH_ROWCOL_SIZES:
-        raise ValueError(f"dhash_rowcol hashes have sizes 1 to 8, not {size}")
+        raise BadInput(f"dhash_rowcol hashes have sizes 1 to 8, not {size}")
     bits = hash_bits(hash_kind, size)
     if rule == "exact":
         if max_distance not in (None, 0):
-            raise ValueError("the exact rule takes no maximum distance; use the near or verified rule")
+            raise BadInput("the exact rule takes no maximum distance; use the near or verified rule")
         max_distance = None
     else:
         default = VERIFIED_MAX_DISTANCE if rule == "verified" else default_max_distance(hash_kind, size)
         max_distance = default if max_distance is None else int(max_distance)
         if not 0 <= max_distance < bits:
-            raise ValueError(f"the maximum distance must be between 0 and {bits - 1} bits for {hash_kind} "
-                             f"size {size} ({bits} bits), not {max_distance}")
+            raise BadInput(f"the maximum distance must be between 0 and {bits - 1} bits for {hash_kind} "
+                           f"size {size} ({bits} bits), not {max_distance}")
     if rule == "verified":
         include_low_detail = True   # verified, not excluded: their embeddings and geometry still tell
     params = dict(rule=rule, hash_kind=hash_kind, hash_size=size, max_distance=max_distance,
@@ -252,7 +255,6 @@ def _start_run(conn: Connection, params: dict, run_params: dict | None) -> tuple
 
 
 def json_value(text: str | None):
-    import json
     return json.loads(text) if text else None
 
 
@@ -278,7 +280,7 @@ def _count_inputs(conn: Connection, summary: DedupeSummary) -> None:
     """Count what the run will see, and refuse a run that could only be empty or wrong."""
     ok = conn.execute(sa.select(sa.func.count()).select_from(images).where(images.c.status == "ok")).scalar_one()
     if ok == 0:
-        raise LookupError("nothing to dedupe: the database has no loaded images (run `lookalike load` first)")
+        raise Precondition("nothing to dedupe: the database has no loaded images (run `lookalike load` first)")
     hashed = _hashed(summary.hash_kind, summary.size)
     flat, total = conn.execute(
         sa.select(sa.func.count().filter(_is_low_detail()), sa.func.count())
@@ -288,8 +290,8 @@ def _count_inputs(conn: Connection, summary: DedupeSummary) -> None:
                               .distinct().order_by(image_hashes.c.size)).scalars().all()
         have = f"stored {summary.hash_kind} sizes: {', '.join(map(str, stored))}" if stored else \
             f"no {summary.hash_kind} hashes are stored"
-        raise LookupError(f"no image has a {summary.hash_kind} size {summary.size} hash ({have}); run "
-                          f"`lookalike hash`" + (" with --imagehash-sizes" if summary.hash_kind != "dhash_rowcol"
+        raise Precondition(f"no image has a {summary.hash_kind} size {summary.size} hash ({have}); run "
+                           f"`lookalike hash`" + (" with --imagehash-sizes" if summary.hash_kind != "dhash_rowcol"
                                                  else ""))
     summary.low_detail_left_out = 0 if summary.include_low_detail else flat
     summary.images = total - summary.low_detail_left_out
@@ -325,23 +327,17 @@ def hash_matrix(kind: str, size: int, bits: int, hexes: list[str], values: list[
     """
     if bits <= 64:
         if any(v is None for v in values):
-            raise ValueError(f"{kind} size {size}: hashes without their integer form; re-run the hash step")
+            raise BadInput(f"{kind} size {size}: hashes without their integer form; re-run the hash step")
         return np.array(values, dtype=np.int64).view(np.uint64)
     if kind == "dhash_rowcol" and size % 2:
-        raise ValueError(f"dhash_rowcol size {size} hex is not fixed width and cannot be compared bit by bit; "
-                         f"use an even size, or a size up to 5")
+        raise BadInput(f"dhash_rowcol size {size} hex is not fixed width and cannot be compared bit by bit; "
+                       f"use an even size, or a size up to 5")
     words = -(-bits // 64)
     digits = words * 16
     if any(len(h) > digits for h in hexes):
-        raise ValueError(f"{kind} size {size}: hex longer than {bits} bits")
+        raise BadInput(f"{kind} size {size}: hex longer than {bits} bits")
     packed = b"".join(bytes.fromhex(h.zfill(digits)) for h in hexes)
     return np.frombuffer(packed, dtype=">u8").astype(np.uint64).reshape(len(hexes), words)
-
-
-def _hamming_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Bitwise distance row by row between two hash matrices from :func:`hash_matrix`."""
-    diff = np.bitwise_count(a ^ b).astype(np.int64)
-    return diff if diff.ndim == 1 else diff.sum(axis=1)
 
 
 def _hashed_rows(conn: Connection, summary: DedupeSummary) -> list:
@@ -386,7 +382,7 @@ def _write_groups(conn: Connection, summary: DedupeSummary, rows: list, keeper: 
     if grouped.size == 0:
         return
     keepers = keeper[grouped]
-    distances = _hamming_rows(hashes[grouped], hashes[keepers])
+    distances = hamming_rows(hashes[grouped], hashes[keepers])
     records = []
     for k, kept, d in zip(grouped.tolist(), keepers.tolist(), distances.tolist()):
         score, method = (None, None)
@@ -421,7 +417,7 @@ def _group_near(conn: Connection, summary: DedupeSummary) -> None:
 def _group_verified(conn: Connection, db: Database, summary: DedupeSummary, backbone: str,
                     thresholds: VerifiedThresholds, progress: bool) -> None:
     """Candidates from the hash and the embeddings, each verified, then keepers without chaining."""
-    from .features import latest_feature_model, load_embeddings
+    from .features import latest_feature_model, load_embeddings   # torch: only the verified rule needs it
     model_id = latest_feature_model(conn, backbone)
     hashed = _hashed_rows(conn, summary)
     ids, vectors = load_embeddings(conn, model_id)
@@ -480,7 +476,6 @@ def candidate_pairs(hashes: np.ndarray, vectors: np.ndarray, low_detail: np.ndar
     detailed = np.flatnonzero(~low_detail)
     i, j, _ = pairs_within(hashes[detailed], max_distance)
     keys = [detailed[i] * n + detailed[j]]
-    from .vectors import nearest_neighbours
     near = nearest_neighbours(vectors, min(neighbours, n - 1))
     rows = np.repeat(np.arange(n), near.shape[1])
     cols = near.ravel()
@@ -501,7 +496,7 @@ class _ViewCache:
         self.unreadable: set[int] = set()
 
     def get(self, k: int):
-        from .verify import load_view
+        from .verify import load_view   # OpenCV: only the verified rule
         with self.lock:
             if k in self.views:
                 self.views.move_to_end(k)
@@ -530,7 +525,7 @@ class _Verifier:
         a, b = self.cache.get(int(self.first[k])), self.cache.get(int(self.second[k]))
         if a is None or b is None:
             return None
-        from .verify import match_geometry
+        from .verify import match_geometry   # OpenCV: only the verified rule
         return match_geometry(a, b)
 
     def geometry(self, pairs: np.ndarray, progress: bool = False):
@@ -632,7 +627,7 @@ class Match:
 
 
 def is_duplicate(db: Database, data: bytes, *, rule: str = DEFAULT_RULE, hash_kind: str | None = None,
-                 size: int | None = None, max_distance: int | None = None, limit: int = 10,
+                 size: int | None = None, max_distance: int | None = None, limit: int = default("is-duplicate", "limit"),
                  include_low_detail: bool = False, backbone: str = DEFAULT_BACKBONE,
                  thresholds: VerifiedThresholds = VerifiedThresholds()) -> list[Match]:
     """Stored ok images that the new image is a copy of, by the dedupe ``rule``; best first.
@@ -644,15 +639,15 @@ def is_duplicate(db: Database, data: bytes, *, rule: str = DEFAULT_RULE, hash_ki
     Raises ``images.ImageError`` when ``data`` cannot be decoded.
     """
     if rule not in ("verified", "near"):
-        raise ValueError(f"is-duplicate takes the verified or the near rule, not {rule!r}")
+        raise BadInput(f"is-duplicate takes the verified or the near rule, not {rule!r}")
     hash_kind, size = hash_kind or NEAR_DEFAULT_HASH[0], NEAR_DEFAULT_HASH[1] if size is None else int(size)
     if hash_kind not in KINDS:
-        raise ValueError(f"unknown hash kind {hash_kind!r}; use one of: {', '.join(KINDS)}")
+        raise BadInput(f"unknown hash kind {hash_kind!r}; use one of: {', '.join(KINDS)}")
     bits = hash_bits(hash_kind, size)
     if max_distance is None:
         max_distance = VERIFIED_MAX_DISTANCE if rule == "verified" else default_max_distance(hash_kind, size)
     if not 0 <= max_distance < bits:
-        raise ValueError(f"the maximum distance must be between 0 and {bits - 1} bits, not {max_distance}")
+        raise BadInput(f"the maximum distance must be between 0 and {bits - 1} bits, not {max_distance}")
     image = open_image(data)
     flat = is_low_detail(image)
     if rule == "near" and flat and not include_low_detail:
@@ -666,19 +661,19 @@ def is_duplicate(db: Database, data: bytes, *, rule: str = DEFAULT_RULE, hash_ki
                                       image_hashes.c.hex, image_hashes.c.value, _is_low_detail().label("low_detail"))
                             .select_from(_hashed(hash_kind, size)).where(*where).order_by(images.c.id)).all()
         if rule == "verified" and rows:
-            from .features import latest_feature_model, load_embeddings
+            from .features import latest_feature_model, load_embeddings   # torch: only the verified rule
             ids, vectors = load_embeddings(conn, latest_feature_model(conn, backbone))
     if not rows:
         return []
     stored = hash_matrix(hash_kind, size, query.bits, [r.hex for r in rows], [r.value for r in rows])
     mine = hash_matrix(hash_kind, size, query.bits, [query.hex], [query.to_signed64()])
-    distances = _hamming_rows(stored, mine[0])
+    distances = hamming_rows(stored, mine[0])
     if rule == "near":
         near = np.flatnonzero(distances <= max_distance)
         near = near[np.lexsort((near, distances[near]))][:limit]  # nearest first, then lowest id
         return [Match(rows[k].id, rows[k].label, rows[k].source, int(distances[k]), None, "hash") for k in near]
 
-    from .backbones import load_backbone
+    from .backbones import load_backbone                        # torch and OpenCV: only the verified rule
     from .verify import load_view, make_view, match_geometry
     position = {int(i): k for k, i in enumerate(ids.tolist())}
     keep = [k for k, r in enumerate(rows) if r.id in position]

@@ -39,8 +39,10 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from .db import (Database, embeddings, evaluation_pairs, evaluation_results, evaluations, images, models,
-                 now, recorded_run, scores, splits, vector_from_bytes)
+from .db import (Database, embeddings, evaluation_pairs, evaluation_results, evaluations, images,
+                 latest_classifier_scores, now, recorded_run, splits, vector_from_bytes)
+from .errors import BadInput, Precondition
+from .steps import default
 from .features import DEFAULT_BACKBONE, latest_feature_model
 
 TOP_K = (1, 2, 4, 5, 8, 10, 15, 20, 28, 32)
@@ -98,11 +100,13 @@ class _TestSet:
     vectors: np.ndarray    # float32 embeddings, one row per image
 
 
-def evaluate_model(db: Database, *, queries_per_label: int = 20, negatives_per_query: int = 100, seed: int = 0,
-                   feature_model: str = DEFAULT_BACKBONE, plot: Path | None = None) -> EvaluationSummary:
+def evaluate_model(db: Database, *, queries_per_label: int = default("evaluate", "queries_per_label"),
+                   negatives_per_query: int = default("evaluate", "negatives_per_query"),
+                   seed: int = default("evaluate", "seed"), feature_model: str = DEFAULT_BACKBONE,
+                   plot: Path | None = None) -> EvaluationSummary:
     """Run the ranking protocol and the test-set retrieval; store pairs and results; optionally plot."""
     if queries_per_label < 1 or negatives_per_query < 1:
-        raise ValueError("queries_per_label and negatives_per_query must be at least 1")
+        raise BadInput("queries_per_label and negatives_per_query must be at least 1")
     seed = int(seed)
     inputs = {"queries_per_label": queries_per_label, "negatives_per_query": negatives_per_query, "seed": seed,
               "feature_model": feature_model}
@@ -150,7 +154,7 @@ def evaluate_model(db: Database, *, queries_per_label: int = 20, negatives_per_q
 def _load_split(conn: Connection, feature_model_id: int) -> tuple[_TestSet, dict[str, Any]]:
     split_params = conn.execute(sa.select(splits.c.seed, splits.c.test_ratio).limit(1)).first()
     if split_params is None:
-        raise LookupError("no train/test split: run `lookalike split` first")
+        raise Precondition("no train/test split: run `lookalike split` first")
     rows = conn.execute(
         sa.select(images.c.id, images.c.label, splits.c.split, embeddings.c.vector)
         .select_from(splits.join(images, images.c.id == splits.c.image_id)
@@ -164,20 +168,16 @@ def _load_split(conn: Connection, feature_model_id: int) -> tuple[_TestSet, dict
                     vectors=np.stack([vector_from_bytes(r.vector) for r in rows]) if rows else np.zeros((0, 0)))
     test_labels = set(data.labels[data.is_test])
     if len(test_labels) < 2:
-        raise LookupError(f"need test images with embeddings of at least 2 labels, found {len(test_labels)}: "
-                          "run `lookalike featurize`, or split a collection with more labels")
+        raise Precondition(f"need test images with embeddings of at least 2 labels, found {len(test_labels)}: "
+                           "run `lookalike featurize`, or split a collection with more labels")
     return data, {"seed": split_params.seed, "test_ratio": split_params.test_ratio}
 
 
 def _load_scores(conn: Connection, feature_model_id: int, ids: np.ndarray) -> tuple[int | None, np.ndarray | None]:
     """The latest classifier on these embeddings, and its score vectors in ``ids`` order (None if any is missing)."""
-    model_id = conn.execute(sa.select(sa.func.max(models.c.id))
-                            .where(models.c.feature_model_id == feature_model_id)).scalar()
+    model_id, stored = latest_classifier_scores(conn, feature_model_id)
     if model_id is None:
         return None, None
-    stored = dict(conn.execute(sa.select(scores.c.image_id, scores.c.vector)
-                               .where(scores.c.model_id == model_id,
-                                      scores.c.image_id.in_(sa.select(splits.c.image_id)))).all())
     if any(int(i) not in stored for i in ids):
         return model_id, None
     return model_id, np.stack([vector_from_bytes(stored[int(i)]) for i in ids])

@@ -46,14 +46,15 @@ import sqlalchemy as sa
 from tqdm import tqdm
 
 from .config import mask_secrets
-from .db import Database, image_hashes, images, recorded_run, splits
+from .db import Database, image_hashes, images, is_unique_image, non_keepers, recorded_run, splits
+from .errors import BadInput
+from .steps import STEPS, default
 from .images import EXTENSIONS
-from .split import is_unique_image, non_keepers
 from .store import DEFAULT_GRACE_S, sha256_hex
 
-DEFAULT_CONCURRENCY = 8
-CONNECTION_STRING_ENV = "AZURE_STORAGE_CONNECTION_STRING"
-NAME_BY = ("sha256", "dhash")
+DEFAULT_CONCURRENCY = default("export", "concurrency")
+CONNECTION_STRING_ENV = default("export", "connection_string_env")
+NAME_BY = STEPS["export"].param("name_by").choices
 DHASH_NAME = ("dhash_rowcol", 8)   # the hash kind and size that name_by="dhash" uses
 SPLIT_FOLDERS = {"train": "Train", "test": "Test"}
 TRANSFER_MANIFEST = "transferimages.txt"
@@ -76,7 +77,7 @@ _AZURE_RETRY = dict(initial_backoff=1, increment_base=2, retry_total=3, random_j
 _AZURE_TIMEOUTS = dict(connection_timeout=10, read_timeout=60)
 
 
-class ExportError(ValueError):
+class ExportError(BadInput):
     """An export that cannot start (no split, bad destination, bad credentials); nothing was written."""
 
 
@@ -596,7 +597,7 @@ class ExportSummary:
         return out
 
 
-def export_images(db: Database, dest: str, *, name_by: str = "sha256", dry_run: bool = False,
+def export_images(db: Database, dest: str, *, name_by: str = default("export", "name_by"), dry_run: bool = False,
                   concurrency: int = DEFAULT_CONCURRENCY, progress: bool | None = None,
                   create_container: bool = False, connection_string_env: str = CONNECTION_STRING_ENV,
                   force: bool = False) -> ExportSummary:

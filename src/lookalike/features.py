@@ -16,9 +16,11 @@ from collections import Counter
 import numpy as np
 import sqlalchemy as sa
 
-from .backbones import Backbone, load_backbone
+from .backbones import Backbone, embed_sources, load_backbone
 from .config import DEFAULT_BACKBONE
 from .db import Database, embeddings, feature_models, images, now, recorded_run, vector_bytes, vector_from_bytes
+from .errors import Precondition
+from .steps import check, default
 
 COMMIT_SECONDS = 2.0
 
@@ -57,7 +59,7 @@ def latest_feature_model(conn, name: str = DEFAULT_BACKBONE) -> int:
     """The id of the newest feature model with this name; a clear error when none was featurized."""
     model_id = conn.execute(sa.select(sa.func.max(feature_models.c.id)).where(feature_models.c.name == name)).scalar()
     if model_id is None:
-        raise LookupError(f"no embeddings for model {name!r}: run `lookalike featurize` first")
+        raise Precondition(f"no embeddings for model {name!r}: run `lookalike featurize` first")
     return model_id
 
 
@@ -72,11 +74,11 @@ def load_embeddings(conn, model_id: int, image_ids=None) -> tuple[np.ndarray, np
     return ids, matrix
 
 
-def featurize_images(db: Database, *, backbone: str = DEFAULT_BACKBONE, device: str = "cpu",
-                     batch_size: int = 32, progress: bool | None = None) -> FeaturizeSummary:
+def featurize_images(db: Database, *, backbone: str = DEFAULT_BACKBONE, device: str = default("featurize", "device"),
+                     batch_size: int = default("featurize", "batch_size"),
+                     progress: bool | None = None) -> FeaturizeSummary:
     """Embed every ok image that has no embedding for ``backbone`` yet."""
-    if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
+    check("featurize", batch_size=batch_size)
     if progress is None:
         progress = sys.stderr.isatty()
     model = load_backbone(backbone, device=device)
@@ -89,7 +91,6 @@ def featurize_images(db: Database, *, backbone: str = DEFAULT_BACKBONE, device: 
                                 .where(images.c.status == "ok", images.c.id.not_in(done))
                                 .order_by(images.c.id)).all()
             summary.already = conn.execute(sa.select(sa.func.count()).select_from(done.subquery())).scalar()
-        from .backbones import embed_sources
         sources = ((image_id, db.store.path(sha)) for image_id, sha in todo)
         started = time.monotonic()
         pending: list[dict] = []

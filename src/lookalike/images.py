@@ -20,6 +20,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import BadInput
+
 # Pillow's own default (about 89 megapixels): above it Pillow warns, above twice
 # it raises. We make the warning an error too, so a bomb never gets decoded.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
@@ -38,12 +40,8 @@ EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "BMP": 
 WHITE = (255, 255, 255)
 
 
-class ImageError(Exception):
+class ImageError(BadInput):
     """An image that cannot be used; ``reason`` is what gets recorded."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -141,6 +139,8 @@ def _decode(source: Source, draft: tuple[int, int] | None,
                                  f"megapixels, over the limit of {max_pixels / 1e6:g}")
             img.seek(0)  # first frame of an animation
             img.load()
+        except ImageError:
+            raise  # our own refusal, as it is (an ImageError is a ValueError too)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageError(f"decompression bomb: {exc}".split(" could be")[0].rstrip(",")) from None
         except UnidentifiedImageError:

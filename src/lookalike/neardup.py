@@ -26,6 +26,9 @@ from math import comb
 
 import numpy as np
 
+from .errors import BadInput
+from .hamming import hamming_rows, popcount_rows
+
 _BLOCK = 1 << 20          # candidate pairs handled at once: bounds memory on adversarial input
 _MAX_TABLE_BITS = 22      # widest chunk that gets a dense lookup table (2**22 entries)
 # Rough relative costs per unit of work, measured on NumPy: used only to pick a plan.
@@ -42,7 +45,7 @@ def _as_words(hashes: np.ndarray) -> np.ndarray:
     if words.ndim == 1:
         words = words[:, None]
     if words.ndim != 2:
-        raise ValueError("hashes must be 1-D (64-bit) or 2-D (n, words)")
+        raise BadInput("hashes must be 1-D (64-bit) or 2-D (n, words)")
     return np.ascontiguousarray(words)
 
 
@@ -160,8 +163,7 @@ class _Chunk:
 
 def _brute_force(words: np.ndarray, radius: int, lo: int, hi: int):
     """(a, b, distance) for pairs a in [lo, hi), b > a within radius, comparing all."""
-    xor = words[lo:hi, None, :] ^ words[None, lo:, :]
-    dist = np.bitwise_count(xor).sum(axis=2, dtype=np.int64)
+    dist = hamming_rows(words[lo:hi, None, :], words[None, lo:, :])
     a, b = np.nonzero(dist <= radius)
     upper = a < b
     a, b = a[upper], b[upper]
@@ -178,7 +180,7 @@ def _checked(chunk: _Chunk, radius: int, earlier: list, candidates) -> tuple[np.
     found = []
     for p, q in candidates():
         xor = chunk.sorted_words[p] ^ chunk.sorted_words[q]
-        dist = np.bitwise_count(xor).sum(axis=1, dtype=np.int64)
+        dist = popcount_rows(xor)
         keep = dist <= radius
         for word, shift, width, chunk_radius in earlier:  # a pair belongs to the first chunk that finds it
             keep &= _chunk_distance(xor, word, shift, width) > chunk_radius
@@ -207,7 +209,7 @@ def pairs_within(hashes: np.ndarray, max_distance: int, *,
     ``workers`` threads share the work (default: one per CPU, at most 8).
     """
     if max_distance < 0:
-        raise ValueError("max_distance must be >= 0")
+        raise BadInput("max_distance must be >= 0")
     words = _as_words(hashes)
     n, nwords = words.shape
     plan = _plan(n, nwords, max_distance) if n > 1 else None

@@ -10,6 +10,7 @@ Every step is idempotent, so a re-run after an interruption does only the rest.
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from .db import Database, query_images, recorded_run, splits
-from .dedupe import DEFAULT_BACKBONE as DEDUPE_BACKBONE, DEFAULT_RULE
+from .steps import STEPS, run_params
 
 
 @dataclass
@@ -36,14 +37,14 @@ class PipelineSummary:
         return out
 
 
-def run_pipeline(db: Database, source: str | Path | None = None, *, seed: int = 0, test_ratio: float = 0.25,
-                 dedupe_rule: str = DEFAULT_RULE, dedupe_hash: str | None = None, dedupe_size: int | None = None,
-                 max_distance: int | None = None, dedupe_backbone: str = DEDUPE_BACKBONE,
-                 top: int = 10, queries_per_label: int = 20,
-                 negatives_per_query: int = 100, plot: Path | None = None,
-                 progress: bool | None = None, device: str = "cpu",
-                 backbone: str = "efficientnet-lite0") -> PipelineSummary:
-    """Run every step; ``source`` (folder or manifest) is loaded first when given."""
+def run_pipeline(db: Database, source: str | Path | None = None, *, progress: bool | None = None,
+                 **options) -> PipelineSummary:
+    """Run every step; ``source`` (folder or manifest) is loaded first when given.
+
+    ``options`` are the steps' own parameters by their run names (:func:`lookalike.steps.run_params`,
+    e.g. ``seed``, ``test_ratio``, ``dedupe_rule``, ``top``); the signature below lists them with
+    their defaults.
+    """
     from .classify import train_classifier
     from .dedupe import dedupe_images
     from .evaluate import evaluate_model
@@ -53,7 +54,13 @@ def run_pipeline(db: Database, source: str | Path | None = None, *, seed: int = 
     from .search import rank_queries
     from .split import split_images
 
+    given = RUN_SIGNATURE.bind(db, source, progress=progress, **options)  # TypeError for an unknown option
+    given.apply_defaults()
+    values = {p.name: p.check(given.arguments[p.name]) for p in run_params()}
     summary = PipelineSummary()
+
+    def kwargs(name: str) -> dict:
+        return STEPS[name].kwargs(values, by_run_name=True)
 
     def step(name: str, call):
         started = time.monotonic()
@@ -63,32 +70,37 @@ def run_pipeline(db: Database, source: str | Path | None = None, *, seed: int = 
             raise _Interrupted
         return result
 
-    params = dict(source=str(source) if source else None, seed=seed, test_ratio=test_ratio, rule=dedupe_rule,
-                  hash=dedupe_hash, size=dedupe_size, max_distance=max_distance, dedupe_backbone=dedupe_backbone,
-                  top=top, backbone=backbone)
-    with recorded_run(db, "run", params) as counts:
+    recorded = {name: str(value) if isinstance(value, Path) else value for name, value in values.items()}
+    with recorded_run(db, "run", recorded) as counts:
         try:
             if source is not None:
-                step("load", lambda: load_images(db, source, progress=progress))
-            step("hash", lambda: hash_images(db, progress=progress))
-            step("featurize", lambda: featurize_images(db, backbone=backbone, device=device, progress=progress))
-            if dedupe_rule == "verified" and dedupe_backbone != backbone:
-                step("featurize", lambda: featurize_images(db, backbone=dedupe_backbone, device=device,
+                step("load", lambda: load_images(db, **kwargs("load"), progress=progress))
+            step("hash", lambda: hash_images(db, **kwargs("hash"), progress=progress))
+            step("featurize", lambda: featurize_images(db, **kwargs("featurize"), progress=progress))
+            if values["dedupe_rule"] == "verified" and values["dedupe_backbone"] != values["backbone"]:
+                step("featurize", lambda: featurize_images(db, **{**kwargs("featurize"),
+                                                                  "backbone": values["dedupe_backbone"]},
                                                            progress=progress))
-            step("dedupe", lambda: dedupe_images(
-                db, rule=dedupe_rule, hash_kind=dedupe_hash, size=dedupe_size, max_distance=max_distance,
-                backbone=dedupe_backbone, progress=progress))
-            step("split", lambda: split_images(db, test_ratio=test_ratio, seed=seed))
-            step("train", lambda: train_classifier(db, feature_model=backbone, seed=seed))
-            step("evaluate", lambda: evaluate_model(db, queries_per_label=queries_per_label,
-                                                    negatives_per_query=negatives_per_query, seed=seed,
-                                                    feature_model=backbone, plot=plot))
+            step("dedupe", lambda: dedupe_images(db, **kwargs("dedupe"), progress=progress))
+            step("split", lambda: split_images(db, **kwargs("split")))
+            step("train", lambda: train_classifier(db, **kwargs("train")))
+            step("evaluate", lambda: evaluate_model(db, **kwargs("evaluate")))
             default_queries(db)
-            step("rank", lambda: rank_queries(db, top=top, backbone=backbone))
+            step("rank", lambda: rank_queries(db, **kwargs("rank")))
         except _Interrupted:
             summary.interrupted = True
         counts.update(steps=[name for name, _, _ in summary.steps], interrupted=summary.interrupted)
     return summary
+
+
+# What run_pipeline accepts, from the registry: help(), inspect and bind() see every option and its default.
+_KEYWORD = inspect.Parameter.KEYWORD_ONLY
+RUN_SIGNATURE = inspect.Signature(
+    [inspect.Parameter("db", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+     inspect.Parameter("source", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
+     inspect.Parameter("progress", _KEYWORD, default=None)]
+    + [inspect.Parameter(p.name, _KEYWORD, default=p.default) for p in run_params() if p.name != "source"])
+run_pipeline.__signature__ = RUN_SIGNATURE
 
 
 class _Interrupted(Exception):

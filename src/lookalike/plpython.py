@@ -21,7 +21,9 @@ from __future__ import annotations
 import compileall
 import ctypes
 import hashlib
+import importlib
 import importlib.metadata
+import inspect
 import io
 import json
 import logging
@@ -35,7 +37,6 @@ import traceback
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib.resources import files
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -44,20 +45,16 @@ from sqlalchemy.dialects import postgresql
 
 from .config import ConfigError, mask_secrets, parse_db_url, resolve_db_url
 from .db import PG_SCHEMA, Database, settings
+from .errors import BadInput, LookalikeError, describe
+from .net import private_urls_allowed_here
+from .steps import PREPARED_DEFAULTS, ROUTINES, STEPS, procedures_sql as routines_sql, \
+    routine as registry_routine
 
 DEFAULT_TARGET = Path(f"/var/lib/lookalike/python{sys.version_info.major}.{sys.version_info.minor}")
 PATH_SETTING = "plpython_path"         # lookalike.settings key, for people: the routine bodies are what counts
 PREPARED_SETTING = "prepared_data"     # lookalike.settings key: what prepare_data was given
 TARGET_MARKER = ".lookalike-target"    # in every folder install made; nothing else is ever deleted
-PATH_PLACEHOLDER = "@PLPYTHON_PATH@"
-STORE_PLACEHOLDER = "@STORE_PATH@"
-SEED = 0                               # the procedures use the CLI's default seed
 PROGRESS_SECONDS = 5.0                 # at most one progress NOTICE this often
-PREPARED_DEFAULTS = {"test_ratio": 0.25, "queries_per_label": 20, "negatives_per_query": 100}
-# Every integer parameter a routine takes, with its bounds (checked before the step starts).
-# max_distance is the dedupe step's own: its bound depends on the hash.
-BOUNDS = {"k": (1, 1000), "top_k": (1, 1000), "batch_size": (1, 1024), "size": (1, 64),
-          "queries_per_label": (1, 10_000), "negatives_per_query": (1, 10_000)}
 TEXT_LIMIT = 4096                      # characters in a text parameter (a path, a URL, a name)
 WATCH_SECONDS = 0.1                    # how often a running step is checked for a cancel or terminate
 STOP_GRACE_SECONDS = 3.0               # how long it may take to stop at its own next progress line (a batch's end)
@@ -461,10 +458,8 @@ def _remove_our_folder(path: Path) -> None:
 
 
 def procedures_sql(target: Path, store: Path) -> str:
-    """The text of ``sql/postgres/procedures.sql`` with the package folder and the image store filled in."""
-    template = files("lookalike").joinpath("sql/postgres/procedures.sql").read_text()
-    return (template.replace(PATH_PLACEHOLDER, json.dumps(str(target)))
-            .replace(STORE_PLACEHOLDER, json.dumps(str(_body_path(store, "--store")))))
+    """The routines' SQL, generated from the step registry, with the package folder and the image store filled in."""
+    return routines_sql(target, _body_path(store, "--store"))
 
 
 def _installed_target(conn) -> str | None:
@@ -495,77 +490,61 @@ def _first_line(exc: Exception) -> str:
 
 # ====================================================================== server side
 
-def _load_images(db: Database, source: str | None, label_column: str | None) -> list[str]:
-    from .ingest import load_images
-    return load_images(db, _required(source, "source"), label_column=label_column, progress=True).lines()
+def _step(name: str) -> Callable[..., list[str]]:
+    """Routine ``name`` when it is one step's function: the registry maps its SQL parameters to the step's."""
+    spec = registry_routine(name)
+    module, function = STEPS[spec.step].function.rsplit(".", 1)
 
-
-def _hash_images(db: Database) -> list[str]:
-    from .hashing import hash_images
-    return hash_images(db, progress=True).lines()
-
-
-def _dedupe(db: Database, rule: str | None, hash: str | None, size: int | None,
-            max_distance: int | None) -> list[str]:
-    from .dedupe import dedupe_images
-    # NULL hash, size or max_distance: the rule's defaults, as in the CLI.
-    return dedupe_images(db, rule=_required(rule, "rule"), hash_kind=hash, size=size,
-                         max_distance=max_distance).lines()
-
-
-def _featurize_images(db: Database, backbone: str | None, batch_size: int | None) -> list[str]:
-    from .features import featurize_images
-    return featurize_images(db, backbone=_required(backbone, "backbone"),
-                            batch_size=_required(batch_size, "batch_size"), progress=True).lines()
+    def run(db: Database, **params: Any) -> list[str]:
+        step = getattr(importlib.import_module(f"lookalike.{module}"), function)
+        kwargs = {p.param: params[p.name] for p in spec.params}  # NULL: the step's own default
+        if "progress" in inspect.signature(step).parameters:
+            kwargs["progress"] = True  # to NOTICEs; also where a cancel stops the step
+        return step(db, **kwargs).lines()
+    return run
 
 
 def _prepare_data(db: Database, test_ratio: float | None, queries_per_label: int | None,
                   negatives_per_query: int | None) -> list[str]:
     from .split import split_images
-    prepared = {"test_ratio": _required(test_ratio, "test_ratio"),
-                "queries_per_label": _required(queries_per_label, "queries_per_label"),
-                "negatives_per_query": _required(negatives_per_query, "negatives_per_query")}
-    lines = split_images(db, test_ratio=test_ratio, seed=SEED).lines()
+    prepared = {"test_ratio": test_ratio, "queries_per_label": queries_per_label,
+                "negatives_per_query": negatives_per_query}
+    lines = split_images(db, test_ratio=test_ratio).lines()
     db.set_setting(PREPARED_SETTING, json.dumps(prepared, sort_keys=True))
     return lines + [f"evaluate_model and run_once will use: {queries_per_label} queries per label, "
                     f"{negatives_per_query} negatives per query, test ratio {test_ratio}"]
-
-
-def _train_classifier(db: Database) -> list[str]:
-    from .classify import train_classifier
-    return train_classifier(db, seed=SEED).lines()
 
 
 def _evaluate_model(db: Database) -> list[str]:
     from .evaluate import evaluate_model
     prepared = _prepared(db)
     return evaluate_model(db, queries_per_label=prepared["queries_per_label"],
-                          negatives_per_query=prepared["negatives_per_query"], seed=SEED).lines()
+                          negatives_per_query=prepared["negatives_per_query"]).lines()
 
 
 def _rank_candidates(db: Database, top_k: int | None) -> list[str]:
     from .pipeline import default_queries
     from .search import rank_queries
     default_queries(db)  # as `lookalike run`: with no queries given, the test split is ranked
-    return rank_queries(db, top=_required(top_k, "top_k")).lines()
+    return rank_queries(db, top=top_k).lines()
 
 
 def _run_once(db: Database, source: str | None) -> list[str]:
     from .pipeline import run_pipeline
     prepared = _prepared(db)
-    return run_pipeline(db, source, seed=SEED, test_ratio=prepared["test_ratio"],
+    return run_pipeline(db, source, test_ratio=prepared["test_ratio"],
                         queries_per_label=prepared["queries_per_label"],
                         negatives_per_query=prepared["negatives_per_query"], progress=True).lines()
 
 
 PROCEDURES: dict[str, Callable[..., list[str]]] = {
-    "load_images": _load_images, "hash_images": _hash_images, "dedupe": _dedupe,
-    "featurize_images": _featurize_images, "prepare_data": _prepare_data, "train_classifier": _train_classifier,
-    "evaluate_model": _evaluate_model, "rank_candidates": _rank_candidates, "run_once": _run_once,
+    **{r.name: _step(r.name) for r in ROUTINES if r.step},
+    "prepare_data": _prepare_data, "evaluate_model": _evaluate_model, "rank_candidates": _rank_candidates,
+    "run_once": _run_once,
 }
 
 
-class ProcedureError(Exception):
+class ProcedureError(LookalikeError):
     """A refusal of the routine itself, with its SQLSTATE."""
 
     def __init__(self, message: str, sqlstate: str):
@@ -595,12 +574,15 @@ def call(plpy, routine: str, store: str, **params: Any) -> Exception | None:
             "CALL it as a statement of its own, outside BEGIN ... COMMIT: each step commits its own work "
             "as it goes, through its own connection to the server", "25001"))  # active_sql_transaction
     shown = ", ".join(f"{name} => {_sql_literal(value)}" for name, value in params.items())
-    plpy.notice(f"lookalike.{routine}({shown}): started")
+    try:
+        plpy.notice(f"lookalike.{routine}({shown}): started")
+    except plpy.Error as exc:  # a timeout or cancel that came while the routine's imports ran
+        return _failure(plpy, routine, exc)
     started = time.monotonic()
     interrupts = _Interrupts()
     failure = None
     try:
-        _check_params(params)
+        _check_params(routine, params)
         with _notices(plpy, interrupts) as stream:
             lines = _watched(interrupts, lambda: PROCEDURES[routine](_server_database(plpy, store), **params),
                              noticed=lambda: stream.stopped)
@@ -631,9 +613,9 @@ def similar(plpy, store: str, query: int | str | None, k: int | None) -> tuple[l
             raise ProcedureError("this transaction has uncommitted changes or locks, which the search cannot "
                                  "see or would wait for (it reads through its own connection): commit first, "
                                  "or ask in a transaction of its own", "25001")
-        _check_params({"query": query, "k": k})
-        matches = _watched(interrupts, lambda: similar_images(_server_database(plpy, store),
-                                                              _required(query, "query"), k=_required(k, "k")))
+        _check_params("similar_images", {"query": query, "k": k})
+        matches = _watched(interrupts, lambda: similar_images(_server_database(plpy, store), query, k=k,
+                                                              allow_private=private_urls_allowed_here()))
         rows = [(m.rank, m.image_id, m.label, m.distance, m.similarity, m.source) for m in matches]
     except KeyboardInterrupt:
         failure = ProcedureError("interrupted", "57014")  # query_canceled, when the server says no more
@@ -660,20 +642,13 @@ def _outcome(plpy, routine: str, interrupts: _Interrupts, failure: Exception | N
         return _failure(plpy, routine, failure)
 
 
-def _check_params(params: dict[str, Any]) -> None:
-    """Refuse, before anything runs, a parameter out of its bounds (:data:`BOUNDS`) or a text too long."""
-    for name, value in params.items():
-        if value is None:
-            continue  # NULL: the step's default, or its own "must not be NULL"
-        if name in BOUNDS:
-            low, high = BOUNDS[name]
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise ValueError(f"{name} must be between {low} and {high}, not {value!r}")
-        elif name == "test_ratio":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-                raise ValueError(f"test_ratio must be between 0 and 1 (exclusive), not {value!r}")
-        elif isinstance(value, str) and len(value) > TEXT_LIMIT:
-            raise ValueError(f"{name} must be at most {TEXT_LIMIT} characters, not {len(value)}")
+def _check_params(name: str, params: dict[str, Any]) -> None:
+    """Refuse, before anything runs, a text too long, a NULL where the step has no NULL default, or a value
+    outside the registry's bounds."""
+    for param, value in params.items():
+        if isinstance(value, str) and len(value) > TEXT_LIMIT:
+            raise BadInput(f"{param} must be at most {TEXT_LIMIT} characters, not {len(value)}")
+    registry_routine(name).check(params)
 
 
 def _sql_literal(value: Any) -> str:
@@ -685,20 +660,14 @@ def _sql_literal(value: Any) -> str:
     return "'" + shown.replace("'", "''") + "'"
 
 
-def _required(value: Any, name: str) -> Any:
-    if value is None:
-        raise ValueError(f"{name} must not be NULL")
-    return value
-
-
 def _prepared(db: Database) -> dict[str, Any]:
     """The parameters prepare_data remembered, else the defaults; checked again, as any role may edit settings."""
     recorded = db.setting(PREPARED_SETTING)
     try:
         prepared = {**PREPARED_DEFAULTS, **(json.loads(recorded) if recorded else {})}
     except (ValueError, TypeError):
-        raise ValueError(f"settings key {PREPARED_SETTING} is not a JSON object: run prepare_data again") from None
-    _check_params({name: prepared[name] for name in PREPARED_DEFAULTS})
+        raise BadInput(f"settings key {PREPARED_SETTING} is not a JSON object: run prepare_data again") from None
+    _check_params("prepare_data", {name: prepared[name] for name in PREPARED_DEFAULTS})
     return prepared
 
 
@@ -747,28 +716,20 @@ def _server_address() -> tuple[str, str]:
     return lines[4].strip() or "localhost", lines[3].strip()
 
 
-# SQLSTATEs for the errors a user can fix; anything else is an internal error (XX000).
-_SQLSTATES = [(ConfigError, "22023"), (ValueError, "22023"), (LookupError, "P0002"),
-              (FileNotFoundError, "58P01"), (PermissionError, "42501")]
-
-
 def _failure(plpy, routine: str, exc: Exception) -> Exception:
     """The exception the routine body raises: ``ERROR: lookalike.<routine>: <message>``, with a SQLSTATE."""
     if isinstance(exc, plpy.SPIError) or type(exc) is plpy.Error:
         # From the server itself, e.g. "canceling statement due to user request".
         message, sqlstate = str(exc), getattr(exc, "sqlstate", None) or "XX000"
-    elif isinstance(exc, ProcedureError):
-        message, sqlstate = str(exc), exc.sqlstate
+    elif (error := describe(exc)) is not None:
+        message, sqlstate = str(error), error.sqlstate
     elif isinstance(exc, sa.exc.DBAPIError) and getattr(exc.orig, "sqlstate", None):
         # The server's answer on the connection back, e.g. "permission denied for table images".
         message, sqlstate = _first_line(exc), exc.orig.sqlstate
     else:
-        sqlstate = next((state for kind, state in _SQLSTATES if isinstance(exc, kind)), None)
-        message = str(exc) if sqlstate else f"{type(exc).__name__}: {exc}"
-        if sqlstate is None:
-            sqlstate = "XX000"
-            plpy.log(f"lookalike.{routine} failed:\n{''.join(traceback.format_exception(exc))}")
-            message += " (the traceback is in the server log)"
+        # Not a user error: a bug, with its traceback in the server log.
+        message, sqlstate = f"{type(exc).__name__}: {exc} (the traceback is in the server log)", "XX000"
+        plpy.log(f"lookalike.{routine} failed:\n{''.join(traceback.format_exception(exc))}")
     error_type = type(f"lookalike.{routine}", (plpy.Error,), {"__module__": "builtins"})
     error = error_type(mask_secrets(message))
     error.sqlstate = sqlstate

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from .db import Database, dedupe_runs, duplicate_groups, images
+from .db import Database, group_member_rows, latest_dedupe_run
 from .dedupe import UniqueCounts
 from .images import ImageError, thumbnail_jpeg
 
@@ -50,17 +50,10 @@ def duplicate_groups_report(db: Database, run_id: int | None = None) -> list[Gro
     """The groups of a dedupe run (the latest by default), by group id; empty when there is no run."""
     with db.engine.connect() as conn:
         if run_id is None:
-            run_id = conn.execute(sa.select(sa.func.max(dedupe_runs.c.id))).scalar()
+            run_id = conn.execute(sa.select(latest_dedupe_run())).scalar()
             if run_id is None:
                 return []
-        rows = conn.execute(
-            sa.select(duplicate_groups.c.group_id, duplicate_groups.c.is_keeper, duplicate_groups.c.distance,
-                      images.c.id, images.c.label, images.c.width, images.c.height, images.c.byte_size,
-                      images.c.format, images.c.sha256, images.c.source)
-            .join(images, images.c.id == duplicate_groups.c.image_id)
-            .where(duplicate_groups.c.run_id == run_id)
-            .order_by(duplicate_groups.c.group_id, duplicate_groups.c.is_keeper.desc(),
-                      duplicate_groups.c.distance, images.c.id)).all()
+        rows = group_member_rows(conn, run_id)
     groups: dict[int, list[Member]] = {}
     for r in rows:
         groups.setdefault(r.group_id, []).append(Member(

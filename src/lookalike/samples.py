@@ -33,6 +33,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 from tqdm import tqdm
 
+from .errors import BadInput
+from .steps import default
 from .images import open_image
 from .sheets import contact_sheet
 
@@ -678,7 +680,7 @@ def copy_image(image: Image.Image, ops: list[str] | tuple[str, ...],
     :data:`COPY_QUALITY` unless ``jpeg`` names one; ``png`` saves losslessly."""
     unknown = set(ops) - set(COPY_OPS)
     if unknown:
-        raise ValueError(f"unknown copy transform(s): {', '.join(sorted(unknown))}")
+        raise BadInput(f"unknown copy transform(s): {', '.join(sorted(unknown))}")
     steps = []
     for op in sorted(set(ops), key=COPY_OPS.index):
         if op == "mirror":
@@ -775,7 +777,8 @@ def _render_one(root: Path, label: str, number: int, seed: int, copies: int) -> 
     return rows
 
 
-def render_samples(out_dir: str | Path, *, per_label: int = 100, seed: int = 0, copy_share: float = 0.10,
+def render_samples(out_dir: str | Path, *, per_label: int = default("samples", "per_label"),
+                   seed: int = default("samples", "seed"), copy_share: float = default("samples", "copy_share"),
                    progress: bool = False) -> SampleSet:
     """Render the sample set into ``out_dir`` and return what was written.
 
@@ -786,7 +789,7 @@ def render_samples(out_dir: str | Path, *, per_label: int = 100, seed: int = 0, 
     Files of an earlier render in the label folders are replaced.
     """
     if per_label < 1 or not 0.0 <= copy_share <= 1.0:
-        raise ValueError("per_label must be >= 1 and copy_share within 0..1")
+        raise BadInput("per_label must be >= 1 and copy_share within 0..1")
     root = Path(out_dir)
     for label in LABELS:
         folder = root / label
@@ -838,7 +841,7 @@ def samples_contact_sheet(sample_set_root: str | Path, out_png: str | Path, per_
         originals = sorted(p for p in (root / label).glob(f"{label}_*.jpg") if "_copy" not in p.stem)
         tiles += [(open_image(p), f"{label}\n{p.name}") for p in originals[:per_label]]
     if not tiles:
-        raise ValueError(f"no sample images under {root}")
+        raise BadInput(f"no sample images under {root}")
     sheet = contact_sheet(tiles, columns=per_label, tile_size=150,
                           title=f"lookalike sample set: {', '.join(LABELS)} ({per_label} per label)")
     out = Path(out_png)

@@ -19,11 +19,14 @@ from pathlib import Path
 import numpy as np
 import sqlalchemy as sa
 
-from .db import (Database, embeddings, images, now, query_images, ranking_results, recorded_run, scores,
-                 vector_from_bytes)
+from .backbones import load_backbone
+from .db import (Database, embeddings, images, latest_classifier_scores, now, query_images, ranking_results,
+                 recorded_run, scores, vector_from_bytes)
+from .errors import BadInput, NotFound, Precondition
 from .features import DEFAULT_BACKBONE, latest_feature_model, load_embeddings
 from .images import QUERY_MAX_PIXELS, open_image
-from .ingest import FetchError, FetchLimits, fetch, make_client
+from .net import FetchError, FetchLimits, fetch_one
+from .steps import check, default
 from .store import sha256_hex
 from .vectors import build_index
 
@@ -49,7 +52,7 @@ class Collection:
     def __init__(self, db: Database, space: str = "embeddings", backbone: str = DEFAULT_BACKBONE,
                  index: str = "auto"):
         if space not in SPACES:
-            raise ValueError(f"space must be one of {SPACES}, not {space!r}")
+            raise BadInput(f"space must be one of {SPACES}, not {space!r}")
         self.space, self.backbone = space, backbone
         with db.engine.connect() as conn:
             self.feature_model_id = latest_feature_model(conn, backbone)
@@ -57,7 +60,7 @@ class Collection:
                 self.classifier_id = None
                 ids, matrix = load_embeddings(conn, self.feature_model_id)
             else:
-                self.classifier_id, ids, matrix = _load_scores(conn)
+                self.classifier_id, ids, matrix = _load_scores(conn, self.feature_model_id)
             self.version = _version(conn, space, self.feature_model_id, self.classifier_id)
             meta = {row.id: row for row in conn.execute(
                 sa.select(images.c.id, images.c.label, images.c.source, images.c.sha256)
@@ -65,7 +68,7 @@ class Collection:
                                        .where(embeddings.c.model_id == self.feature_model_id))))}
         if len(ids) == 0:
             needs = "featurize and train" if space == "scores" else "featurize"
-            raise LookupError(f"no stored {space} to search: run {needs}")
+            raise Precondition(f"no stored {space} to search: run {needs}")
         self.ids = ids
         self.meta = meta
         self.sha_to_id = {row.sha256: image_id for image_id, row in meta.items()}
@@ -79,7 +82,7 @@ class Collection:
         if label is not None:
             allowed = [image_id for image_id, row in self.meta.items() if row.label == label]
             if not allowed:
-                raise LookupError(f"no searchable image has label {label!r}")
+                raise NotFound(f"no searchable image has label {label!r}")
         found_ids, distances = self.index.search(_unit(vector.reshape(1, -1)), k, exclude=[exclude], allowed=allowed)
         out = []
         for rank, (image_id, distance) in enumerate(zip(found_ids[0], distances[0]), start=1):
@@ -93,7 +96,7 @@ class Collection:
     def stored_vector(self, image_id: int) -> np.ndarray:
         where = np.flatnonzero(self.ids == image_id)
         if len(where) == 0:
-            raise LookupError(f"image {image_id} has no stored {self.space} vector")
+            raise NotFound(f"image {image_id} has no stored {self.space} vector")
         return self.vectors[where[0]]
 
 
@@ -129,15 +132,12 @@ def _version(conn, space: str, feature_model_id: int, classifier_id: int | None)
     return (space, feature_model_id, classifier_id, count, top)
 
 
-def _load_scores(conn):
-    from .db import models
-    model_id = conn.execute(sa.select(sa.func.max(models.c.id))).scalar()
+def _load_scores(conn, feature_model_id: int):
+    model_id, stored = latest_classifier_scores(conn, feature_model_id)
     if model_id is None:
-        raise LookupError("no trained classifier: run `lookalike train` first (or use --space embeddings)")
-    rows = conn.execute(sa.select(scores.c.image_id, scores.c.vector).where(scores.c.model_id == model_id)
-                        .order_by(scores.c.image_id)).all()
-    ids = np.array([r[0] for r in rows], dtype=np.int64)
-    matrix = np.stack([vector_from_bytes(r[1]) for r in rows]) if rows else np.zeros((0, 0), np.float32)
+        raise Precondition("no trained classifier: run `lookalike train` first (or use --space embeddings)")
+    ids = np.array(sorted(stored), dtype=np.int64)
+    matrix = np.stack([vector_from_bytes(stored[i]) for i in ids.tolist()]) if stored else np.zeros((0, 0), np.float32)
     return model_id, ids, matrix
 
 
@@ -149,16 +149,16 @@ def _unit(matrix: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- one query
 
-def query_bytes(query: str | Path | bytes, limits: FetchLimits) -> bytes:
+def query_bytes(query: str | Path | bytes, limits: FetchLimits, *, allow_private: bool = True) -> bytes:
+    """The bytes of a query image given as bytes, a path or a URL (through :func:`lookalike.net.fetch_one`)."""
     if isinstance(query, bytes):
         return query
-    with make_client(limits, 1) as client:
-        try:
-            # abspath, not resolve: no file-system call, so a name the locale cannot encode still reaches fetch
-            return fetch(os.path.abspath(os.path.expanduser(query)) if "://" not in str(query) else str(query),
-                         client, limits)
-        except FetchError as exc:
-            raise ValueError(f"cannot read query image: {exc.reason}") from None
+    try:
+        # abspath, not resolve: no file-system call, so a name the locale cannot encode still reaches fetch
+        return fetch_one(os.path.abspath(os.path.expanduser(query)) if "://" not in str(query) else str(query),
+                         limits, allow_private=allow_private)
+    except FetchError as exc:
+        raise type(exc)(f"cannot read query image: {exc.reason}") from None
 
 
 def query_vector(db: Database, coll: Collection, data: bytes) -> tuple[np.ndarray, int | None]:
@@ -166,32 +166,35 @@ def query_vector(db: Database, coll: Collection, data: bytes) -> tuple[np.ndarra
     stored_id = coll.sha_to_id.get(sha256_hex(data))
     if stored_id is not None:
         return coll.stored_vector(stored_id), stored_id
-    from .backbones import load_backbone
     # Within the query budget: a query is anyone's upload. ImageError says why it can't be used.
     embedding = load_backbone(coll.backbone).embed([open_image(data, max_pixels=QUERY_MAX_PIXELS)])
     if coll.space == "embeddings":
         return embedding[0], None
-    from .classify import load_classifier
+    from .classify import load_classifier  # lazy: scikit-learn only for a query in scores space
     estimator, _classes, _row = load_classifier(db, coll.classifier_id)
     return estimator.predict_proba(embedding)[0].astype(np.float32), None
 
 
-def similar_images(db: Database, query: int | str | Path | bytes, *, k: int = 10, space: str = "embeddings",
-                   backbone: str = DEFAULT_BACKBONE, limits: FetchLimits = FetchLimits(),
-                   index: str = "auto", label: str | None = None) -> list[Match]:
+def similar_images(db: Database, query: int | str | Path | bytes, *, k: int = default("similar", "k"),
+                   space: str = default("similar", "space"), backbone: str = DEFAULT_BACKBONE,
+                   limits: FetchLimits = FetchLimits(), index: str = default("similar", "index"),
+                   label: str | None = None, allow_private: bool = True) -> list[Match]:
     """The ``k`` stored images most similar to ``query`` (an image id, a path, a URL or bytes), best first.
 
     ``label`` keeps only images with that label (``k`` of them when there are).
+    ``allow_private=False`` refuses URLs to loopback and private addresses (a server's callers).
 
     The query itself is never among the results when it is a stored image.
     """
-    if not 1 <= k <= 1000:
-        raise ValueError("k must be between 1 and 1000")
+    check("similar", k=k)
+    by_id = isinstance(query, int) or (isinstance(query, str) and query.isdigit())
+    # Read first: a refused or unreadable query fails before any vectors are loaded.
+    data = None if by_id else query_bytes(query, limits, allow_private=allow_private)
     coll = collection(db, space, backbone, index)
-    if isinstance(query, int) or (isinstance(query, str) and query.isdigit()):
+    if by_id:
         image_id = int(query)
         return coll.search(coll.stored_vector(image_id), k, exclude={image_id}, label=label)
-    vector, stored_id = query_vector(db, coll, query_bytes(query, limits))
+    vector, stored_id = query_vector(db, coll, data)
     return coll.search(vector, k, exclude={stored_id} if stored_id is not None else set(), label=label)
 
 
@@ -208,7 +211,7 @@ def add_queries(db: Database, queries: list[str], *, limits: FetchLimits = Fetch
             with db.engine.connect() as conn:
                 row = conn.execute(sa.select(images.c.id, images.c.sha256).where(images.c.id == int(query))).first()
             if row is None:
-                raise LookupError(f"no image with id {query}")
+                raise NotFound(f"no image with id {query}")
             source, sha, image_id = f"image:{row.id}", row.sha256, row.id
         else:
             data = query_bytes(query, limits)
@@ -236,11 +239,10 @@ class RankSummary:
                 f"{self.rows} rows in ranking_results"]
 
 
-def rank_queries(db: Database, *, top: int = 10, space: str = "embeddings",
+def rank_queries(db: Database, *, top: int = default("rank", "top"), space: str = default("rank", "space"),
                  backbone: str = DEFAULT_BACKBONE) -> RankSummary:
     """Write the top ``top`` matches of every query in ``query_images`` to ``ranking_results``."""
-    if not 1 <= top <= 1000:
-        raise ValueError("top must be between 1 and 1000")
+    check("rank", top=top)
     with recorded_run(db, "rank", {"top": top, "space": space, "backbone": backbone}) as counts:
         coll = collection(db, space, backbone)
         with db.engine.connect() as conn:
@@ -268,5 +270,5 @@ def image_sha256(db: Database, image_id: int) -> str:
     with db.engine.connect() as conn:
         sha = conn.execute(sa.select(images.c.sha256).where(images.c.id == image_id)).scalar()
     if sha is None:
-        raise LookupError(f"no image with id {image_id}")
+        raise NotFound(f"no image with id {image_id}")
     return sha

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from .errors import BadInput
+
 BACKGROUND = (255, 255, 255)
 BORDER = (218, 218, 218)
 TEXT = (40, 40, 40)
@@ -46,9 +48,9 @@ def contact_sheet(tiles: Sequence[tuple[Image.Image, str]], *, columns: int = 5,
     the caption lines and the optional ``title`` on top.
     """
     if not tiles:
-        raise ValueError("a contact sheet needs at least one tile")
+        raise BadInput("a contact sheet needs at least one tile")
     if columns < 1 or tile_size < 16:
-        raise ValueError("columns must be >= 1 and tile_size >= 16")
+        raise BadInput("columns must be >= 1 and tile_size >= 16")
     columns = min(columns, len(tiles))
     rows = math.ceil(len(tiles) / columns)
     margin = max(4, tile_size // 16)

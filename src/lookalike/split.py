@@ -19,11 +19,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
 
-from .db import Database, dedupe_runs, duplicate_groups, images, recorded_run, splits
+from .db import Database, duplicates_by_label, images, is_unique_image, recorded_run, splits
+from .errors import BadInput
+from .steps import default
 
-DEFAULT_TEST_RATIO = 0.25
+DEFAULT_TEST_RATIO = default("split", "test_ratio")
 
 
 @dataclass(frozen=True)
@@ -64,37 +65,6 @@ class SplitSummary:
         return out
 
 
-def latest_dedupe_run() -> sa.ScalarSelect:
-    """Id of the dedupe run whose groups decide what is a duplicate: the latest (NULL before any)."""
-    return sa.select(sa.func.max(dedupe_runs.c.id)).scalar_subquery()
-
-
-def duplicates_by_label(conn: Connection) -> dict[str, int]:
-    """Ok images each label lost to the latest dedupe run (non-keepers), by label; "" is no label."""
-    rows = conn.execute(sa.select(images.c.label, sa.func.count()).where(
-        images.c.status == "ok", images.c.id.in_(non_keepers())).group_by(images.c.label)).all()
-    out: dict[str, int] = defaultdict(int)
-    for label, n in rows:
-        out[label or ""] += n
-    return dict(sorted(out.items()))
-
-
-def non_keepers() -> sa.Select:
-    """Ids of the images the latest dedupe run marked as duplicates (none before any dedupe)."""
-    return sa.select(duplicate_groups.c.image_id).where(
-        duplicate_groups.c.run_id == latest_dedupe_run(), duplicate_groups.c.is_keeper == sa.false())
-
-
-def is_unique_image() -> sa.ColumnElement[bool]:
-    """A WHERE condition on ``images``: status ok and not a duplicate in the latest dedupe run."""
-    return sa.and_(images.c.status == "ok", images.c.id.not_in(non_keepers()))
-
-
-def unique_image_ids(conn: Connection) -> list[int]:
-    """Ids of the unique images (ok, not a non-keeper of the latest dedupe run), ascending."""
-    return list(conn.execute(sa.select(images.c.id).where(is_unique_image()).order_by(images.c.id)).scalars())
-
-
 def split_number(seed: int, sha256: str) -> float:
     """The image's uniform number in [0, 1): 53 bits of sha256("{seed}:{sha256}"), exact as a float."""
     digest = hashlib.sha256(f"{seed}:{sha256}".encode()).digest()
@@ -112,10 +82,11 @@ def count_test_images(n: int, test_ratio: float) -> int:
     return min(max(math.floor(test_ratio * n + 0.5), 1), n - 1)
 
 
-def split_images(db: Database, *, test_ratio: float = DEFAULT_TEST_RATIO, seed: int = 0) -> SplitSummary:
+def split_images(db: Database, *, test_ratio: float = DEFAULT_TEST_RATIO,
+                 seed: int = default("split", "seed")) -> SplitSummary:
     """Replace the split with a stratified one of the unique labelled images; return its counts."""
     if not 0 < test_ratio < 1:
-        raise ValueError(f"test_ratio must be between 0 and 1 (exclusive), not {test_ratio}")
+        raise BadInput(f"test_ratio must be between 0 and 1 (exclusive), not {test_ratio}")
     seed = int(seed)
     with recorded_run(db, "split", {"test_ratio": test_ratio, "seed": seed}) as counts:
         with db.begin() as conn:

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
-from .db import Database, embeddings, feature_models, hashed_images, image_sources, images, runs, splits
-from .split import duplicates_by_label, latest_dedupe_run
+from .db import (Database, duplicates_by_label, embeddings, feature_models, hashed_images, image_sources, images,
+                 latest_dedupe_run, runs, splits)
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,9 @@ import re
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from .errors import BadInput, LookalikeError
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _FANOUT = re.compile(r"^[0-9a-f]{2}$")
@@ -34,11 +35,14 @@ MISSING_REASON = "missing from the image store"
 DAMAGED_REASON = "damaged in the image store: its bytes do not hash to its sha256"
 
 
-class StoreError(Exception):
+class StoreError(LookalikeError):
     """The store could not take bytes (disk full, read-only folder); the message says which.
 
     Not an OSError on purpose: it stops a run instead of failing one entry.
     """
+
+    http_status = 507
+    sqlstate = "58030"   # io_error
 
 
 def sha256_hex(data: bytes) -> str:
@@ -65,7 +69,7 @@ class ImageStore:
     def path(self, sha256: str) -> Path:
         # Validate: a sha256 is the only thing ever joined to the store path.
         if not _SHA256.match(sha256):
-            raise ValueError(f"not a sha256 hex digest: {sha256[:80]!r}")
+            raise BadInput(f"not a sha256 hex digest: {sha256[:80]!r}")
         return self.root / sha256[:2] / sha256
 
     def has(self, sha256: str) -> bool:

@@ -17,6 +17,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from .db import images, query_images
+from .errors import BadInput
 from .store import (DAMAGED_REASON, DEFAULT_GRACE_S, HASH_CHUNK, LISTED, MISSING_REASON, TEMP_DIR, TEMP_PREFIX,
                     _FANOUT, _SHA256, _delete_if_old, _temp_files)
 
@@ -99,7 +100,7 @@ def check_store(db, *, fix: bool = False, grace: float = DEFAULT_GRACE_S) -> Sto
     ``grace`` seconds and mark rows whose bytes are missing or damaged as failed (rows are never deleted)."""
 
     if grace < 0:
-        raise ValueError("--grace must be 0 or more seconds")
+        raise BadInput("--grace must be 0 or more seconds")
     check = StoreCheck(db.store.root, fix, grace)
     # Rows first, files second: bytes a running load writes meanwhile look orphaned but are young.
     with db.engine.connect() as conn:

@@ -35,6 +35,8 @@ from typing import Protocol
 
 import numpy as np
 
+from .errors import BadInput
+
 with warnings.catch_warnings():
     # faiss's SWIG bindings raise DeprecationWarnings about their own types on import.
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -92,9 +94,9 @@ def _as_ids(ids: np.ndarray | Iterable[int]) -> np.ndarray:
     if array.size == 0:
         return np.zeros(0, dtype=np.int64)
     if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
-        raise ValueError("ids must be a one-dimensional array of integers")
+        raise BadInput("ids must be a one-dimensional array of integers")
     if array.min() < 0:
-        raise ValueError("ids must be non-negative (-1 marks 'no result')")
+        raise BadInput("ids must be non-negative (-1 marks 'no result')")
     return array.astype(np.int64, copy=False)
 
 
@@ -103,7 +105,7 @@ def _as_matrix(vectors: np.ndarray, dim: int, what: str) -> np.ndarray:
     if matrix.ndim == 1:
         matrix = matrix[None, :]
     if matrix.ndim != 2 or matrix.shape[1] != dim:
-        raise ValueError(f"{what} must have shape (n, {dim}), got {np.shape(vectors)}")
+        raise BadInput(f"{what} must have shape (n, {dim}), got {np.shape(vectors)}")
     return matrix
 
 
@@ -112,14 +114,14 @@ def _unit_rows(matrix: np.ndarray, what: str) -> np.ndarray:
     rows = np.array(matrix, dtype=np.float32)
     norms = np.linalg.norm(rows, axis=1)
     if not np.all(np.isfinite(norms)) or np.any(norms == 0):
-        raise ValueError(f"{what} must be finite and non-zero to be normalised")
+        raise BadInput(f"{what} must be finite and non-zero to be normalised")
     rows /= norms[:, None]
     return rows
 
 
 def _check_k(k: int) -> None:
     if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}")
+        raise BadInput(f"k must be >= 0, got {k}")
 
 
 def _top_k(dist: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -146,7 +148,7 @@ class ExactIndex:
 
     def __init__(self, dim: int, metric: str = "cosine"):
         if metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+            raise BadInput(f"metric must be one of {METRICS}, got {metric!r}")
         self.dim = dim
         self.metric = metric
         self._size = 0
@@ -177,12 +179,12 @@ class ExactIndex:
         ids = _as_ids(ids)
         vectors = _as_matrix(vectors, self.dim, "vectors")
         if len(ids) != len(vectors):
-            raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
+            raise BadInput(f"{len(ids)} ids for {len(vectors)} vectors")
         if len(np.unique(ids)) != len(ids):
-            raise ValueError("ids must be distinct")
+            raise BadInput("ids must be distinct")
         present = [int(i) for i in ids if int(i) in self._row_of]
         if present:
-            raise ValueError(f"ids already in the index: {present[:5]}")
+            raise BadInput(f"ids already in the index: {present[:5]}")
         start, end = self._size, self._size + len(ids)
         self._reserve(end)
         for lo in range(0, len(ids), _CHUNK_ROWS):
@@ -190,7 +192,7 @@ class ExactIndex:
             if self.metric == "cosine":
                 chunk = _unit_rows(chunk, "vectors")
             elif not np.all(np.isfinite(chunk)):
-                raise ValueError("vectors must be finite")
+                raise BadInput("vectors must be finite")
             rows = slice(start + lo, start + lo + len(chunk))
             self._vectors[rows] = chunk
             if self.metric == "l2":
@@ -258,7 +260,7 @@ class ExactIndex:
         if exclude is None:
             return None
         if len(exclude) != n_queries:
-            raise ValueError(f"exclude has {len(exclude)} entries for {n_queries} queries")
+            raise BadInput(f"exclude has {len(exclude)} entries for {n_queries} queries")
         rows = [self.rows_of(ids) for ids in exclude]
         return [r[r >= 0] for r in rows]
 
@@ -354,7 +356,7 @@ class IVFIndex:
         """Copy ``vectors`` (n, dim) under ``ids`` into an index; ``settings`` as :meth:`from_exact`."""
         vectors = np.asarray(vectors)
         if vectors.ndim != 2:
-            raise ValueError(f"vectors must be two-dimensional, got shape {vectors.shape}")
+            raise BadInput(f"vectors must be two-dimensional, got shape {vectors.shape}")
         exact = ExactIndex(vectors.shape[1])
         exact.add(ids, vectors)
         return cls.from_exact(exact, **settings)
@@ -376,10 +378,10 @@ class IVFIndex:
         centroids and the quantiser. Needs at least 1000 vectors.
         """
         if exact.metric != "cosine":
-            raise ValueError("an IVF index supports metric='cosine' only")
+            raise BadInput("an IVF index supports metric='cosine' only")
         n, dim = len(exact), exact.dim
         if n < 1000:
-            raise ValueError(f"an IVF index needs at least 1000 vectors to train, got {n}")
+            raise BadInput(f"an IVF index needs at least 1000 vectors to train, got {n}")
         nlist = nlist or default_nlist(n)
         recipe = f"IVF{nlist},SQ8" if pca_dim >= dim else f"PCA{pca_dim},IVF{nlist},SQ8"
         index = faiss.index_factory(dim, recipe, faiss.METRIC_L2)
@@ -516,10 +518,10 @@ class IVFIndex:
         (header_len,) = struct.unpack_from("<I", data)
         header = json.loads(data[4:4 + header_len])
         if header.get("format") != "lookalike-ivf" or header.get("version") != 1:
-            raise ValueError("not a lookalike IVF index")
+            raise BadInput("not a lookalike IVF index")
         ids = _as_ids(ids)
         if len(ids) != header["count"] or _ids_digest(ids) != header["ids_sha256"]:
-            raise ValueError("the ids given are not the ids the index was saved with")
+            raise BadInput("the ids given are not the ids the index was saved with")
         exact = ExactIndex(header["dim"])
         exact.add(ids, vectors)
         faiss_index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8, offset=4 + header_len))
@@ -539,12 +541,12 @@ def build_index(ids: np.ndarray, vectors: np.ndarray, *, kind: str = "auto", thr
     is exact-only, so ``auto`` then always builds exact. ``seed`` fixes IVF training.
     """
     if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        raise BadInput(f"kind must be one of {KINDS}, got {kind!r}")
     vectors = np.asarray(vectors)
     if vectors.ndim != 2:
-        raise ValueError(f"vectors must be two-dimensional, got shape {vectors.shape}")
+        raise BadInput(f"vectors must be two-dimensional, got shape {vectors.shape}")
     if kind == "ivf" and metric != "cosine":
-        raise ValueError("an IVF index supports metric='cosine' only")
+        raise BadInput("an IVF index supports metric='cosine' only")
     if kind == "ivf" or (kind == "auto" and metric == "cosine" and len(vectors) >= threshold):
         return IVFIndex.build(ids, vectors, seed=seed)
     index = ExactIndex(vectors.shape[1], metric)
@@ -594,54 +596,10 @@ def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
     """Mean share of each query's exact neighbours (``-1`` padding ignored) found by the approximation."""
     approx_ids, exact_ids = np.asarray(approx_ids), np.asarray(exact_ids)
     if len(approx_ids) != len(exact_ids):
-        raise ValueError("approx_ids and exact_ids must have one row per query each")
+        raise BadInput("approx_ids and exact_ids must have one row per query each")
     shares = []
     for approx, exact in zip(approx_ids, exact_ids):
         truth = exact[exact >= 0]
         if len(truth):
             shares.append(np.isin(truth, approx).mean())
     return float(np.mean(shares)) if shares else 1.0
-
-
-def clustered_embeddings(n: int, dim: int = 1280, *, latent_dim: int = 96, copy_share: float = 0.05,
-                         seed: int = 0) -> np.ndarray:
-    """Synthetic unit float32 vectors shaped like pooled CNN embeddings, for tests and benchmarks.
-
-    Random Gaussian vectors have no neighbourhood structure and make every ANN
-    index look bad. These have structure at three scales, in a ``latent_dim``
-    subspace: ``n / 100`` overlapping cluster centres of lognormal popularity
-    ("categories"), ``n / 20`` sub-centres around them ("products"), items around
-    those ("views"), all offsets anisotropic (spectrum ``i^-1/4``). Latents go
-    through a random linear layer with a positive bias and a ReLU (non-negative,
-    like globally-pooled activations), plus small isotropic noise; a
-    ``copy_share`` of items are near-copies of another; rows are L2-normalised.
-    At 1280-d and n = 200k the mean cosine similarity to the 1st / 10th / 100th
-    neighbour is about 0.88 / 0.83 / 0.65, to a random item about 0.44; the top
-    256 principal components hold about 90% of the variance.
-    """
-    rng = np.random.default_rng(seed)
-    n_clusters = max(8, n // 100)
-    n_products = max(n_clusters, n // 20)
-    projection = (rng.standard_normal((latent_dim, dim)) / math.sqrt(latent_dim)).astype(np.float32)
-    bias = rng.uniform(0.0, 0.6, dim).astype(np.float32)
-    spectrum = (np.arange(1, latent_dim + 1) ** -0.25).astype(np.float32)
-    # Centres close enough that clusters overlap: neighbourhoods are a continuum,
-    # not islands an inverted file would find trivially.
-    centres = 0.5 * rng.standard_normal((n_clusters, latent_dim)).astype(np.float32)
-    popularity = rng.lognormal(0.0, 1.0, n_clusters)
-    product_cluster = rng.choice(n_clusters, n_products, p=popularity / popularity.sum())
-    products = centres[product_cluster] + 1.2 * spectrum * rng.standard_normal(
-        (n_products, latent_dim), dtype=np.float32)
-    out = np.empty((n, dim), dtype=np.float32)
-    for lo in range(0, n, _CHUNK_ROWS):
-        rows = min(_CHUNK_ROWS, n - lo)
-        latent = products[rng.integers(0, n_products, rows)] + spectrum * rng.standard_normal(
-            (rows, latent_dim), dtype=np.float32)
-        features = np.maximum(latent @ projection + bias, 0.0)
-        features += 0.05 * rng.standard_normal(features.shape, dtype=np.float32)
-        copies = np.flatnonzero(rng.random(rows) < copy_share)
-        sources = rng.integers(0, rows, len(copies))
-        features[copies] = features[sources] + 0.02 * rng.standard_normal((len(copies), dim), dtype=np.float32)
-        features /= np.linalg.norm(features, axis=1, keepdims=True)
-        out[lo:lo + rows] = features
-    return out

@@ -25,8 +25,8 @@ import sqlalchemy as sa
 from PIL import Image
 
 from lookalike.db import Database, image_sources, images
-from lookalike.ingest import (MAX_LINE_CHARS, FetchError, FetchLimits, LoadError, Refused, fetch, load_images,
-                              make_client, read_file, resolve)
+from lookalike.ingest import MAX_LINE_CHARS, LoadError, load_images
+from lookalike.net import FetchError, FetchLimits, Refused, fetch, make_client, read_file, resolve
 from lookalike.search import query_bytes
 from lookalike.web.app import ApiError, fetch_url
 from support.http import LocalHTTPServer
@@ -201,7 +201,7 @@ def test_the_size_cap_holds_while_reading_not_only_from_st_size(tmp_path):
 def test_every_query_path_reads_through_the_same_policy():
     # `similar` by path (CLI, PL/Python similar_images(text)) goes through query_bytes -> fetch.
     for path, reason in [("/dev/zero", "not a regular file"), ("/etc", "is a directory")]:
-        with pytest.raises(ValueError, match=f"cannot read query image: {reason}"):
+        with pytest.raises(FetchError, match=f"cannot read query image: {reason}"):
             query_bytes(path, FetchLimits())
 
 

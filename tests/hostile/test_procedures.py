@@ -22,8 +22,10 @@ from types import SimpleNamespace
 import psycopg
 import pytest
 
+from lookalike.net import PRIVATE_URLS_ENV
 from lookalike.plpython import install
 from lookalike.samples import render_samples
+from support.http import LocalHTTPServer
 from support.pg import PostgresCluster
 from test_plpython import psql, rows, server_owned, server_readable
 
@@ -319,3 +321,35 @@ def test_settings_a_granted_role_edits_do_not_move_where_the_server_writes(procs
     assert new and f"loaded {len(new)} new images" in done[2], done[2]
     assert new <= {p.name for p in procs.store.rglob("*") if p.is_file()} - stored_before
     assert not inside.exists()
+
+
+@pytest.mark.timeout(300)
+def test_similar_images_by_url_goes_through_the_ssrf_guard(procs, pg_cluster):
+    image = next((procs.root / "samples").rglob("*.jpg")).read_bytes()
+    with LocalHTTPServer({"a.jpg": image}) as server:
+        url = server.url("/img/a.jpg")
+        query = "SELECT count(*) FROM lookalike.similar_images(:'url', 3);"
+        # Probe: similar_images(text) fetched any URL, loopback and the server's own network included.
+        refused, = answers(pg_cluster, [query], url=url)
+        assert ("22023: lookalike.similar_images: cannot read query image: refused: 127.0.0.1 is a loopback "
+                "address") in refused, refused
+        assert sum(server.hits.values()) == 0  # refused before any request
+
+
+@pytest.mark.timeout(600)
+def test_only_the_servers_environment_lets_similar_images_reach_private_addresses(tmp_path):
+    # The way the CLI's tests reach their local server (allow_private), for a database server: whoever
+    # starts it decides, in its environment; no session, role or database setting can.
+    root = Path(tempfile.mkdtemp(dir="/tmp", prefix="lkprivate-"))
+    root.chmod(0o755)
+    try:
+        with PostgresCluster(env={PRIVATE_URLS_ENV: "1"}) as cluster, LocalHTTPServer({"a.jpg": b"x"}) as server:
+            url = cluster.create_database("private_urls")
+            install(url, root / "python", store_dir=server_owned(root / "store", cluster))
+            found = psql(cluster, "SELECT * FROM lookalike.similar_images(:'url', 3)", "private_urls",
+                         url=server.url("/img/a.jpg"))
+            # Fetched (the server saw the request); then nothing is featurized in this empty database.
+            assert server.hits["/img/a.jpg"] == 1, found.stderr
+            assert "lookalike.similar_images: no embeddings for model" in found.stderr, found.stderr
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -75,12 +75,14 @@ class PostgresCluster:
     ``url`` is the SQLAlchemy URL of the ``lookalike_test`` database, created on start.
     """
 
-    def __init__(self, base_dir: Path | None = None):
+    def __init__(self, base_dir: Path | None = None, env: dict[str, str] | None = None):
+        """``env``: extra environment variables for the server process."""
         bin_dir = find_pg_bin()
         if bin_dir is None:
             raise RuntimeError(f"PostgreSQL {PG_MAJOR} is not installed (apt-get install postgresql-{PG_MAJOR})")
         self.bin_dir = bin_dir
         self.base_dir = Path(base_dir) if base_dir is not None else Path("/tmp")
+        self.env = dict(env or {})
         self.dir: Path | None = None  # created by start(): holds the socket, data/ and server.log
         self.port = 0
         self.url = ""
@@ -224,7 +226,8 @@ class PostgresCluster:
     def _server_cmd(self, args: list[str]) -> None:
         command = self._as_owner() + [str(self.bin_dir / args[0]), *args[1:]]
         # cwd: the postgres user may not be allowed into the caller's working dir.
-        result = subprocess.run(command, capture_output=True, text=True, cwd=self._started_dir(), timeout=120)
+        result = subprocess.run(command, capture_output=True, text=True, cwd=self._started_dir(), timeout=120,
+                                env={**os.environ, **self.env})
         if result.returncode != 0:
             log = self.dir / "server.log" if self.dir else None
             tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""

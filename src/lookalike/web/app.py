@@ -37,8 +37,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
 import sqlalchemy as sa
@@ -53,13 +52,19 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
+from .. import __version__, reports
+from ..backbones import load_backbone
 from ..config import mask_secrets
-from ..db import (Database, dedupe_runs, embeddings, evaluation_results, evaluations, feature_models, hashed_images,
-                  images, runs)
+from ..db import (Database, dedupe_run_rows, embedding_counts, embeddings, hashed_images, images, latest_evaluation,
+                  runs)
+from ..dedupe import unique_counts
+from ..errors import LookalikeError
+from ..evaluate import RETRIEVAL_K, TOP_K
 from ..images import ImageError, thumbnail_jpeg
-from ..ingest import FetchError, FetchLimits, Refused, fetch, make_client
+from ..net import FetchError, FetchLimits, Refused, fetch_one
 from ..search import Match, collection, similar_images
+from ..status import collection_status
+from ..steps import STEPS, default
 from ..store import sha256_hex
 
 log = logging.getLogger("lookalike.web")
@@ -67,8 +72,8 @@ log = logging.getLogger("lookalike.web")
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 THUMBNAIL_PX = 256
 THUMBNAIL_QUALITY = 85
-DEFAULT_K = 10
-MAX_K = 100
+DEFAULT_K = default("similar", "k")
+MAX_K = STEPS["similar"].param("k").bounds[1]
 PICKER_IMAGES = 24        # stored images offered on the search page
 GROUPS_PER_PAGE = 40
 MIME_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "GIF": "image/gif",
@@ -76,7 +81,8 @@ MIME_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "GI
 # Our pages load nothing from elsewhere and run no inline script; /docs (FastAPI's Swagger page) is left out.
 PAGE_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
                "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
-Space = Literal["embeddings", "scores"]
+Space = Literal[STEPS["similar"].param("space").choices]
+DEFAULT_SPACE = default("similar", "space")
 KParam = Annotated[int, Query(ge=1, le=MAX_K, description="how many similar images")]
 MAX_ID = 2**63 - 1  # ids are signed 64-bit integers in every database we run on
 ImageIdParam = Annotated[int, PathParam(ge=1, le=MAX_ID, description="id of a stored image")]
@@ -91,12 +97,15 @@ REQUEST_DEADLINE_S = 30.0  # the longest a query may take, waiting, fetching and
 RETRY_AFTER_S = 5          # what a 503 tells the client to wait
 
 
-class ApiError(Exception):
-    """A request that cannot be served: answered as ``{"error": message}`` with HTTP ``status``."""
+class ApiError(LookalikeError):
+    """A request that cannot be served: answered as ``{"error": message}`` with HTTP ``status``.
+
+    Any other user error (:mod:`lookalike.errors`) is answered the same way, with its own status.
+    """
 
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status = status
+        self.status = self.http_status = status
         self.message = message
         self.headers = headers
 
@@ -110,7 +119,7 @@ class SimilarRequest(BaseModel):
     url: str | None = Field(None, description="http(s) URL of an image", examples=["https://example.com/shirt.jpg"])
     id: int | None = Field(None, ge=1, le=MAX_ID, description="id of a stored image", examples=[123])
     k: int = Field(DEFAULT_K, ge=1, le=MAX_K, description="how many similar images")
-    space: Space = Field("embeddings", description="embeddings (CNN vectors) or scores (classifier classes)")
+    space: Space = Field(DEFAULT_SPACE, description="embeddings (CNN vectors) or scores (classifier classes)")
 
 
 class QueryInfo(BaseModel):
@@ -219,18 +228,11 @@ def fetch_url(url: str, limits: FetchLimits, *, allow_private: bool = False) -> 
     (redirects too), against the address it then connects to.
     """
     try:
-        parts = urlsplit(url.strip())
-        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-            raise ApiError(400, "only http:// and https:// URLs can be fetched")
-    except ValueError:  # e.g. an unclosed [IPv6
-        raise ApiError(400, "not a valid URL") from None
-    with make_client(limits, 1, allow_private=allow_private) as client:
-        try:
-            return fetch(url.strip(), client, limits)
-        except Refused as exc:
-            raise ApiError(400, exc.reason) from None
-        except FetchError as exc:
-            raise ApiError(502, f"cannot fetch the URL: {exc.reason}") from None
+        return fetch_one(url, limits, allow_private=allow_private, local_files=False)
+    except Refused as exc:
+        raise ApiError(400, exc.reason) from None
+    except FetchError as exc:
+        raise ApiError(502, f"cannot fetch the URL: {exc.reason}") from None
 
 
 def _searchable(db: Database, space: str):
@@ -367,7 +369,7 @@ def _cached(content: bytes, media_type: str, etag: str, request: Request) -> Res
 
 def _runs(db: Database) -> list[DedupeRun]:
     with db.engine.connect() as conn:
-        rows = conn.execute(sa.select(dedupe_runs).order_by(dedupe_runs.c.id.desc())).all()
+        rows = dedupe_run_rows(conn)
     return [DedupeRun(id=r.id, rule=r.rule, hash_kind=r.hash_kind, hash_size=r.hash_size,
                       max_distance=r.max_distance, per_label=r.per_label, groups=r.groups,
                       duplicates=r.duplicates, created_at=r.created_at.isoformat(timespec="seconds"))
@@ -376,14 +378,13 @@ def _runs(db: Database) -> list[DedupeRun]:
 
 def duplicates(db: Database, run_id: int | None, offset: int, limit: int) -> DuplicatesResponse:
     """A page of a dedupe run's groups (the latest run by default)."""
-    from ..reports import duplicate_groups_report
     runs = _runs(db)
     if run_id is None and not runs:
         return DuplicatesResponse(run=None, groups_total=0, offset=offset, groups=[])
     run = runs[0] if run_id is None else next((r for r in runs if r.id == run_id), None)
     if run is None:
         raise ApiError(404, f"no dedupe run with id {run_id}")
-    groups = duplicate_groups_report(db, run.id)
+    groups = reports.duplicate_groups_report(db, run.id)
     page = [DuplicateGroup(group_id=g.group_id, size=len(g.members), keeper=g.keeper.image_id, members=[
         GroupMember(image_id=m.image_id, label=m.label, width=m.width, height=m.height, byte_size=m.byte_size,
                     format=m.format, is_keeper=m.is_keeper, distance=m.distance,
@@ -394,24 +395,16 @@ def duplicates(db: Database, run_id: int | None, offset: int, limit: int) -> Dup
 
 def _embedding_counts(db: Database) -> list[tuple[str, int, int]]:
     with db.engine.connect() as conn:
-        return [tuple(r) for r in conn.execute(
-            sa.select(feature_models.c.name, feature_models.c.dim, sa.func.count(embeddings.c.image_id))
-            .select_from(feature_models.outerjoin(embeddings, embeddings.c.model_id == feature_models.c.id))
-            .group_by(feature_models.c.id, feature_models.c.name, feature_models.c.dim)
-            .order_by(feature_models.c.id))]
+        return embedding_counts(conn)
 
 
 def _last_evaluation(db: Database) -> dict | None:
     """The newest evaluation as a table: one row per (space, metric), one column per measure."""
-    from ..evaluate import RETRIEVAL_K, TOP_K
     with db.engine.connect() as conn:
-        latest = conn.execute(sa.select(evaluations.c.id, evaluations.c.created_at)
-                              .order_by(evaluations.c.id.desc()).limit(1)).first()
-        if latest is None:
-            return None
-        rows = conn.execute(sa.select(evaluation_results.c.space, evaluation_results.c.metric,
-                                      evaluation_results.c.measure, evaluation_results.c.value)
-                            .where(evaluation_results.c.evaluation_id == latest.id)).all()
+        found = latest_evaluation(conn)
+    if found is None:
+        return None
+    latest, rows = found
     order = [f"top{k}" for k in TOP_K] + ["mean_rank", "median_rank", f"map@{RETRIEVAL_K}", f"recall@{RETRIEVAL_K}"]
     present = {r.measure for r in rows}
     measures = [m for m in order if m in present] + sorted(present - set(order))
@@ -449,7 +442,6 @@ class _UniqueCountsCache:
     def _current(self) -> tuple:
         key = self._fingerprint()
         if key != self._key:
-            from ..dedupe import unique_counts
             table = unique_counts(self.db)
             self._key, self._table, self._png = key, table if table.labels else None, None
         return self._key
@@ -462,14 +454,13 @@ class _UniqueCountsCache:
 
     def png(self) -> tuple[bytes, str]:
         """The plot as PNG bytes and an ETag for them; ApiError 404 when nothing is hashed."""
-        from ..reports import plot_unique_counts
         with self._lock:
             key = self._current()
             if self._table is None:
                 raise ApiError(404, "no image hashes yet: run the hash step")
             if self._png is None:
                 with tempfile.TemporaryDirectory(prefix="lookalike-plot-") as folder:
-                    self._png = plot_unique_counts(self._table, Path(folder) / "unique.png").read_bytes()
+                    self._png = reports.plot_unique_counts(self._table, Path(folder) / "unique.png").read_bytes()
             return self._png, '"' + hashlib.sha256(repr(key).encode()).hexdigest()[:32] + '"'
 
 
@@ -551,7 +542,6 @@ def _mask_logs() -> None:
 
 def _warm(db: Database) -> None:
     """Load the vector index and the backbone before the first request needs them."""
-    from ..backbones import load_backbone
     try:
         coll = collection(db)
     except LookupError:
@@ -591,9 +581,10 @@ def create_app(db: Database, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, limits
     app.add_middleware(_Guard, max_bytes=max_upload_bytes)
     app.mount("/static", StaticFiles(packages=[("lookalike.web", "static")]), name="static")
 
-    @app.exception_handler(ApiError)
-    async def _api_error(_request: Request, exc: ApiError):
-        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+    @app.exception_handler(LookalikeError)
+    async def _user_error(_request: Request, exc: LookalikeError):
+        return JSONResponse({"error": mask_secrets(str(exc))}, status_code=exc.http_status,
+                            headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError):
@@ -689,7 +680,7 @@ _SIMILAR_BODY = {
         "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
             "file": {"type": "string", "format": "binary", "description": "an image file"},
             "k": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": DEFAULT_K},
-            "space": {"type": "string", "enum": ["embeddings", "scores"], "default": "embeddings"}}}},
+            "space": {"type": "string", "enum": list(get_args(Space)), "default": DEFAULT_SPACE}}}},
     }}}
 
 
@@ -710,7 +701,7 @@ def _api_routes(app: FastAPI, ctx: _Context) -> None:
 
     @app.get("/api/images/{image_id}/similar", response_model=SimilarResponse, tags=["search"], responses=ERRORS)
     def similar_to_stored(image_id: ImageIdParam, k: KParam = DEFAULT_K,
-                          space: Space = "embeddings") -> SimilarResponse:
+                          space: Space = DEFAULT_SPACE) -> SimilarResponse:
         """The k stored images most similar to stored image `image_id` (itself excluded)."""
         return _response(search_by_id(db, image_id, k, space), k)
 
@@ -856,7 +847,6 @@ def _page_routes(app: FastAPI, ctx: _Context) -> None:
 
     @app.get("/collection", response_class=HTMLResponse, include_in_schema=False)
     def collection_page() -> HTMLResponse:
-        from ..status import collection_status
         status = collection_status(db)
         labels: dict[str, dict[str, int]] = {}
         for label, state, count in status.by_label:
@@ -872,7 +862,7 @@ def _page_routes(app: FastAPI, ctx: _Context) -> None:
 def serve(db_url: str | None, store: str | Path | None, host: str = "127.0.0.1", port: int = 8000, *,
           allow_private_urls: bool = False) -> None:
     """Serve the app over the database at ``db_url`` until interrupted (what `lookalike serve` runs)."""
-    import uvicorn
+    import uvicorn  # lazy: the server's own dependency, for serving only (tests and callers use create_app)
     with Database(db_url, store) as db:
         app = create_app(db, allow_private_urls=allow_private_urls)
         print(f"lookalike: serving {db.dialect} database on http://{host}:{port}/ (API docs at /docs)", flush=True)
@@ -882,7 +872,7 @@ def serve(db_url: str | None, store: str | Path | None, host: str = "127.0.0.1",
 @contextmanager
 def running_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
     """Run ``app`` under uvicorn in a background thread; yields its base URL (port 0: a free one)."""
-    import uvicorn
+    import uvicorn  # lazy: the server's own dependency, for serving only (tests and callers use create_app)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
