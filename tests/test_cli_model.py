@@ -47,7 +47,10 @@ def test_evaluate_writes_its_table_and_plot(model_db):
 
 def test_query_add_then_rank(model_db):
     root, db, *_ = model_db
-    path = sorted((root / "samples" / "dotted").glob("*.jpg"))[0]
+    # A file no stored image equals (the first dotted sample, mirrored): with loads running concurrently,
+    # image 1 may be any sample, and a query equal to image 1 would be the same query.
+    path = root / "query.png"
+    Image.open(sorted((root / "samples" / "dotted").glob("*.jpg"))[0]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(path)
     added = lookalike("query", "add", 1, path, *db)
     assert added.code == 0 and added.out.startswith("2 queries in query_images"), added.err
     ranked = lookalike("rank", "--top", 5, *db)
