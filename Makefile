@@ -26,8 +26,9 @@ demo: $(STAMP)
 	$(BIN)/lookalike -q samples $(DEMO)/new --per-label 1 --seed 7 --copy-share 0 >/dev/null
 	$(BIN)/lookalike --db sqlite:///$(DEMO)/lookalike.db similar $(DEMO)/new/leopard/leopard_0001.jpg --sheet $(DEMO)/similar.png
 
+# Two workers, a test file each at a time: much of the suite waits on servers and subprocesses.
 test: $(STAMP) system-deps
-	CI=$${CI:-1} $(BIN)/pytest -q
+	CI=$${CI:-1} $(BIN)/pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py

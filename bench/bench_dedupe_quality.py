@@ -21,7 +21,7 @@ transform (copy-to-original pairs found), hard negatives merged (must be 0),
 and groups that hold more than one family ("mixed"; the issue asks for none on
 the 2,310-image sample set).
 
-    python bench/bench_dedupe_quality.py [--quick | --full] [--devset DIR] [--per-label N]
+    python bench/bench_dedupe_quality.py [--quick | --full] [--devset DIR] [--per-label N] [--rules default,...]
 
 ``--quick``: 8 dev-set families and 20 samples per label (copy share 0.3) (well under 2 minutes
 once the dev set's packages are cached); default: the whole dev set and 100 per
@@ -181,7 +181,7 @@ def report(name: str, truth: Truth, scores: dict[str, Score], combined: bool) ->
     for copy, (_, transform) in truth.copies.items():
         for key in transform_keys(transform, combined):
             copies_of[key].append(copy)
-    print(f"\n  recall per transform (copy-to-original pairs found"
+    print("\n  recall per transform (copy-to-original pairs found"
           + ("" if combined else "; a copy counts under each of its transforms") + ")")
     print(f"  {'transform':<22} {'copies':>6} " + " ".join(f"{rule[:13]:>13}" for rule in scores))
     for key, copies in sorted(copies_of.items()):
@@ -199,13 +199,13 @@ def pair_rows(name: str, truth: Truth, s: Score) -> list[tuple]:
     return rows
 
 
-def run_set(name: str, root: Path, work: Path, *, combined: bool) -> list[tuple]:
+def run_set(name: str, root: Path, work: Path, rules: dict[str, dict], *, combined: bool) -> list[tuple]:
     """Score every rule on the set under ``root``; returns the default rule's pair rows."""
     started = time.perf_counter()
     with Database(f"sqlite:///{work / 'bench.db'}", work / "store") as db:
         truth = prepare(db, root)
         prepared = time.perf_counter()
-        scores = {rule: score(db, truth, params) for rule, params in RULES.items()}
+        scores = {rule: score(db, truth, params) for rule, params in rules.items()}
     report(name, truth, scores, combined)
     print(f"  (load+hash+embed {prepared - started:.0f} s, all rules {time.perf_counter() - prepared:.0f} s)")
     return pair_rows(name.split()[0], truth, scores["default"])
@@ -220,9 +220,14 @@ def main() -> int:
     parser.add_argument("--copy-share", type=float, default=None,
                         help="share of sample originals given copies (0.3 with --quick, else 0.1)")
     parser.add_argument("--devset", type=Path, default=None, help="a dev set already built by bench/devset.py")
+    parser.add_argument("--rules", default=",".join(RULES),
+                        help=f"comma-separated rules to score (default: all of {', '.join(RULES)})")
     parser.add_argument("--pairs", type=Path, default=None,
                         help="write the default rule's copy pairs (found or not) and wrong pairs to this CSV")
     args = parser.parse_args()
+    rules = {name: RULES[name] for name in args.rules.split(",") if name in RULES}
+    if "default" not in rules:
+        parser.error(f"--rules must name the default rule; known: {', '.join(RULES)}")
     per_label = args.per_label or (20 if args.quick else 700 if args.full else 100)
     copy_share = args.copy_share if args.copy_share is not None else 0.3 if args.quick else 0.1
     rows: list[tuple] = []
@@ -234,14 +239,14 @@ def main() -> int:
             devset = args.devset or build_devset(tmp / "devset", families=8 if args.quick else None).root
             print(f"dev set ready in {time.perf_counter() - started:.0f} s")
             (tmp / "dev-db").mkdir()
-            rows += run_set(f"dev set ({devset})", devset, tmp / "dev-db", combined=True)
+            rows += run_set(f"dev set ({devset})", devset, tmp / "dev-db", rules, combined=True)
         except DevsetError as err:
             print(f"dev set skipped: {err}")
 
         sample = render_samples(tmp / "samples", per_label=per_label, seed=0, copy_share=copy_share)
         (tmp / "sample-db").mkdir()
         rows += run_set(f"sample set ({per_label} per label, copy share {copy_share})", sample.root,
-                        tmp / "sample-db", combined=False)
+                        tmp / "sample-db", rules, combined=False)
     if args.pairs:
         with args.pairs.open("w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f, lineterminator="\n")

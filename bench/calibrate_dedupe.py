@@ -2,8 +2,9 @@
 
     python bench/calibrate_dedupe.py DB DEVSET_DIR
 
-DB has the dev set loaded, hashed and featurized (see bench/devset.py). For
-every candidate pair of the verified rule it prints what the embedding and the
+DEVSET_DIR is a dev set (bench/devset.py) or a sample set (``lookalike
+samples``, whose ground_truth.csv names its planted copies). DB has that set
+loaded, hashed and featurized (see bench/devset.py). For every candidate pair of the verified rule it prints what the embedding and the
 geometry measured, by truth (copy of the same original, hard negative, other),
 so that ``dedupe.VerifiedThresholds`` and ``verify.GeometryThresholds`` can be
 set where copies and non-copies part.
@@ -30,7 +31,9 @@ def truth(devset: Path):
     for row in csv.DictReader((devset / "ground_truth.csv").open()):
         family[row["copy"]] = family[row["original"]] = row["original"]
         transform[row["copy"]] = row["transform"]
-    negatives = {frozenset((r["a"], r["b"])): r["kind"] for r in csv.DictReader((devset / "hard_negatives.csv").open())}
+    listed = devset / "hard_negatives.csv"   # the sample set (``lookalike samples``) has none
+    negatives = ({frozenset((r["a"], r["b"])): r["kind"] for r in csv.DictReader(listed.open())}
+                 if listed.exists() else {})
     return family, transform, negatives
 
 

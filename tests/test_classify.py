@@ -216,7 +216,9 @@ def test_clear_errors_before_split_featurize_or_with_one_label(db):
     split_images(db)
     with pytest.raises(ValueError, match="at least 2 labels"):
         train_classifier(db, feature_model=FEATURE_MODEL)
-    with pytest.raises(LookupError, match="featurize"):
+    with pytest.raises(LookupError, match="featurize"):   # a known backbone that embedded nothing
+        train_classifier(db, feature_model="efficientnet-lite0-texture")
+    with pytest.raises(ValueError, match="unknown backbone 'another-backbone'"):
         train_classifier(db, feature_model="another-backbone")
     with db.begin() as conn:  # a feature model that embedded nothing yet
         conn.execute(sa.insert(feature_models).values(name="empty", weights_sha256="1" * 64, dim=8, input_size=224,

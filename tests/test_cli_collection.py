@@ -73,7 +73,7 @@ def test_is_duplicate_answers_yes_for_a_planted_copy_and_no_for_a_new_image(corp
 
 def test_export_needs_a_split_and_store_check_is_clean(corpus):
     root, db, *_ = corpus
-    refused = lookalike("export", root / "out", "--dry-run", *db)
+    refused = lookalike("export", root / "out", "--dry-run", "--layout", "train-test", *db)
     assert refused.code == 2 and "run `lookalike split` first" in refused.err
     checked = lookalike("store", "check", *db)
     assert checked.code == 0 and "orphans:        0" in checked.out

@@ -71,7 +71,7 @@ def test_similar_by_id_and_by_path_as_text_json_and_sheet(model_db):
     assert [m["rank"] for m in found] == [1, 2, 3, 4] and {m["label"] for m in found} == {"striped"}
     assert "contact sheet:" in as_json.err and Image.open(root / "s.png").size[0] > 0
     bad_k = lookalike("similar", 2, "--top", 0, *db)
-    assert bad_k.code == 2 and "k must be between 1 and 1000, not 0" in bad_k.err and bad_k.out == ""
+    assert bad_k.code == 2 and "--top must be between 1 and 1000, not 0" in bad_k.err and bad_k.out == ""
 
 
 def test_run_does_the_remaining_steps(model_db):

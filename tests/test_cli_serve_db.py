@@ -24,7 +24,7 @@ def free_port() -> int:
 
 @pytest.mark.timeout(120)
 def test_serve_answers_one_request_then_stops_on_ctrl_c(tmp_path):
-    assert lookalike("status", "--db", f"sqlite:///{tmp_path}/s.db").code == 0  # a database to serve
+    assert lookalike("db", "init", "--db", f"sqlite:///{tmp_path}/s.db").code == 0  # a database to serve
     port = free_port()
     # A process of its own: uvicorn serves until a signal, and Ctrl-C is how a user stops it.
     server = subprocess.Popen([sys.executable, "-m", "lookalike.cli", "serve", "--db", f"sqlite:///{tmp_path}/s.db",

@@ -70,8 +70,8 @@ def test_cli_user_errors_exit_2_with_one_line(tmp_path):
     code, out, err = run("load", str(tmp_path / "nowhere"), "--db", db)
     assert (code, out) == (2, "") and err.startswith("error: ") and "no such folder or manifest" in err
     assert err.count("\n") == 1 and "Traceback" not in err
-    code, _, err = run("similar", "1", "--db", db)          # nothing featurized yet: a precondition
-    assert code == 2 and err.startswith("error: ") and "run `lookalike featurize`" in err
+    code, _, err = run("similar", "1", "--db", db)          # nothing loaded yet
+    assert code == 2 and err == "error: no such image 1\n"
     code, _, err = run("status", "--db", "mysql://user:hunter2@localhost/x")
     assert code == 2 and "unsupported database" in err and "hunter2" not in err
 
@@ -80,6 +80,7 @@ def test_cli_shows_a_bug_as_a_bug(tmp_path, monkeypatch):
     def broken(db):
         return {}["no such key"]  # a real KeyError, as a bug in a step would raise
     monkeypatch.setattr(status, "collection_status", broken)
+    Database(f"sqlite:///{tmp_path}/b.db").close()   # status opens only a database that exists
     code, out, err = run("status", "--db", f"sqlite:///{tmp_path}/b.db")
     assert code == EXIT_BUG == 70 and out == ""
     assert "internal error" in err and "Traceback (most recent call last)" in err and "KeyError" in err
@@ -110,6 +111,7 @@ def test_errors_module_imports_nothing_of_lookalike():
 
 def test_a_reader_that_leaves_early_is_not_an_error(tmp_path, monkeypatch):
     # Probe: `lookalike uniques | head -2` printed "internal error" and a BrokenPipeError traceback.
+    Database(f"sqlite:///{tmp_path}/p.db").close()   # status opens only a database that exists
     read_end, write_end = os.pipe()
     os.close(read_end)  # the reader has gone
     stdout = io.TextIOWrapper(os.fdopen(write_end, "wb"), line_buffering=True)

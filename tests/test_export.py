@@ -121,9 +121,9 @@ def check_manifests(transfer: str, table: str, expected: dict, url_of) -> None:
     assert sorted(lines) == sorted(f"{url_of(key)}\t{key.rsplit('/', 1)[0]}/\t{key.rsplit('/', 1)[1]}"
                                    for key in expected)
     rows = [line.split(",") for line in table.splitlines()]
-    assert rows[0] == ["image_id", "label", "split", "path", "sha256", "byte_size"]
+    assert rows[0] == ["image_id", "label", "split", "path", "sha256", "byte_size", "source"]
     assert len(rows) == len(expected) + 1
-    for image_id, label, split, path, sha, size in rows[1:]:
+    for image_id, label, split, path, sha, size, _source in rows[1:]:
         data, _ = expected[path]
         assert path.split("/")[:2] == [split.capitalize(), label]
         assert int(size) == len(data) and sha == hashlib.sha256(data).hexdigest()
@@ -449,7 +449,7 @@ def test_unsplit_and_unhashed_collections_say_what_to_run(tmp_path):
     blobs = [encode(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)) for _ in range(4)]
     with small_collection(tmp_path, {"dotted": blobs}, hashed=False) as db:
         with pytest.raises(ExportError, match=r"no split yet: run `lookalike split` first"):
-            export_images(db, str(tmp_path / "out"), progress=False)
+            export_images(db, str(tmp_path / "out"), layout="train-test", progress=False)
         split_images(db)
         with pytest.raises(ExportError, match=r"4 images have no dhash_rowcol size 8 hash: run `lookalike hash`"):
             export_images(db, str(tmp_path / "out"), name_by="dhash", progress=False)

@@ -90,8 +90,8 @@ def test_csv_manifest_with_header_label_column_and_metadata(db, tmp_path):
     manifest.write_text("Artist,Name,URL,EncodingFormat\n"
                         "Monet,Water Lilies,tree/dotted/a.jpg,jpeg\n"
                         "Klimt,The Kiss,tree/striped/c.jpg,jpeg\n")
-    with pytest.raises(LoadError, match="--label-column"):
-        load_images(db, manifest)
+    with pytest.raises(LoadError, match="no 'Painter' column"):
+        load_images(db, manifest, label_column="Painter")
     load_images(db, manifest, label_column="Artist")
     assert rows(db, images, "label", "metadata") == [
         ("Klimt", '{"EncodingFormat": "jpeg", "Name": "The Kiss"}'),

@@ -218,4 +218,4 @@ def test_status_shows_how_far_the_pipeline_got(sqlite_run, sample_set):
         parts = dict(conn.execute(sa.select(splits.c.split, sa.func.count()).group_by(splits.c.split)).all())
     assert f"split:    {parts['train']} train, {parts['test']} test" in lines
     steps = [line.split()[0] for line in lines[lines.index("last run of each step:") + 1:]]
-    assert steps == ["hash", "featurize", "dedupe", "split", "train", "evaluate", "rank", "run"]
+    assert steps == ["load", "hash", "featurize", "dedupe", "split", "train", "evaluate", "rank", "run"]

@@ -446,8 +446,12 @@ def test_uninstall_keeps_a_package_folder_another_database_uses(steps_db, pg_clu
     assert summary.routines == 11 and summary.removed_target is None and not summary.dropped_schema
     assert any("plpython_steps" in warning for warning in summary.warnings)
     assert (workspace / "python" / TARGET_MARKER).is_file() and (decoy / TARGET_MARKER).is_file()
+    # No PL/Python routine is left; the data's own SQL functions (hamming, the embeddings trigger) stay.
     assert pg_cluster.psql("SELECT count(*) FROM pg_proc WHERE pronamespace = 'lookalike'::regnamespace "
-                           "AND proname <> 'hamming'", db=name).split() == ["0"]
+                           "AND prolang = (SELECT oid FROM pg_language WHERE lanname = 'plpython3u')",
+                           db=name).split() == ["0"]
+    assert pg_cluster.psql("SELECT count(*) FROM pg_proc WHERE pronamespace = 'lookalike'::regnamespace",
+                           db=name).split() != ["0"]
     assert rows(url, "SELECT count(*) FROM settings WHERE key = 'plpython_path'") == [(0,)]
 
 

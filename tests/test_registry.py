@@ -30,7 +30,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 POSITIONAL = {"out_dir": "d", "source": "s", "query": "1", "dest": "d"}
 # CLI arguments that are the front end's own, not the step function's (output, display).
 CLI_ONLY = {"samples": {"sheet"}, "load": {"max_bytes", "timeout", "deadline", "retries"}, "dedupe": {"html"},
-            "uniques": {"plot"}, "is-duplicate": {"image"}, "similar": {"sheet", "json"}}
+            "uniques": {"plot"}, "is-duplicate": {"image"}, "similar": {"sheet", "json"},
+            "duplicates": {"html", "json", "csv", "action"}}
 
 
 def function_of(step):

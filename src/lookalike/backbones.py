@@ -330,7 +330,7 @@ def load_backbone(name: str = DEFAULT_BACKBONE, device: str = "cpu") -> Backbone
     except RuntimeError:
         raise BadInput(f"unknown device {device!r}; use 'cpu' or 'cuda'") from None
     if kind == "cuda" and not torch.cuda.is_available():
-        raise BadInput(f"CUDA is not available (torch {torch.__version__}); use device='cpu'")
+        raise BadInput(f"CUDA is not available (torch {torch.__version__}); use the cpu device")
     if kind not in ("cpu", "cuda"):
         raise BadInput(f"unsupported device {device!r}; use 'cpu' or 'cuda'")
     with _LOCK:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import json
 import logging
 import os
+import re
 import sys
 import traceback
+from collections import Counter
 from pathlib import Path
 
 from sqlalchemy.exc import DBAPIError
@@ -17,7 +20,7 @@ from . import __version__
 from .config import mask_secrets
 from .errors import EXIT_BROKEN_PIPE, EXIT_BUG, EXIT_INTERRUPTED, EXIT_USER_ERROR, describe
 from .store import DEFAULT_GRACE_S, StoreError
-from .steps import REQUIRED, RUN_STEPS, STEPS, Param, procedures_sql, run_params
+from .steps import INDEX_ACTIONS, REQUIRED, REVIEW_ACTIONS, RUN_STEPS, STEPS, Param, procedures_sql, run_params
 
 log = logging.getLogger("lookalike")
 
@@ -25,6 +28,17 @@ log = logging.getLogger("lookalike")
 def _open_db(args):
     from .db import Database  # lazy: a cold --help loads no step
     return Database(args.db, args.store)
+
+
+def _refuse_missing_sqlite(url: str | None) -> None:
+    """A mistyped --db must not create a new, empty database (and its folder): only load, run and
+    db init create one (main checks before a command loads anything heavy)."""
+    from .config import ConfigError, parse_db_url, resolve_db_url
+    parsed = parse_db_url(resolve_db_url(url))
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:") \
+            and not Path(parsed.database).expanduser().exists():
+        raise ConfigError(f"no database at {Path(parsed.database).expanduser().absolute()}: check --db "
+                          "(or $LOOKALIKE_DB); `lookalike load`, `lookalike run` or `lookalike db init` create one")
 
 
 def _progress(args) -> bool:
@@ -81,32 +95,75 @@ def cmd_dedupe(args) -> int:
     from .dedupe import dedupe_images  # lazy: a cold --help loads no step
     with _open_db(args) as db:
         summary = dedupe_images(db, **_kwargs(args, "dedupe"), progress=_progress(args))
-        print("\n".join(summary.lines()))
-        if args.html:
-            _duplicates_html(db, args.html)
+        if args.html:  # the report file first: a reader that leaves early (`| head`) must not cost it
+            from .reports import duplicate_groups_report, write_html  # lazy: a cold --help loads no step
+            write_html(duplicate_groups_report(db), args.html, db)
+    print("\n".join(summary.lines() + ([f"report: {args.html}"] if args.html else [])))
     return 0
 
 
-def _duplicates_html(db, path: Path) -> None:
-    from .reports import duplicate_groups_report, write_html  # lazy: a cold --help loads no step
-    write_html(duplicate_groups_report(db), path, db)
-    print(f"report: {path}")
-
-
 def cmd_duplicates(args) -> int:
-    from .reports import duplicate_groups_report  # lazy: a cold --help loads no step
+    from .reports import (duplicate_groups_report, groups_csv, groups_json,  # lazy: a cold --help loads no step
+                          run_groups_total, write_html)
     with _open_db(args) as db:
-        groups = duplicate_groups_report(db, args.run)
-        if not groups:
-            print("no duplicate groups (run `lookalike dedupe` first)")
-        for group in groups:
-            print(f"group {group.group_id} ({len(group.members)} images)")
-            for m in group.members:
-                mark = "keep" if m.is_keeper else f"d={m.distance}"
-                print(f"  {mark:>6}  {m.image_id:>7}  {m.label or '':<12} {m.width}x{m.height} "
-                      f"{m.byte_size:>9} B  {m.format or '':<5} {m.source}")
+        groups = duplicate_groups_report(db, **_kwargs(args, "duplicates"))
+        # The report file first: a reader that leaves early (`| head`) must not cost it.
         if args.html:
-            _duplicates_html(db, args.html)
+            write_html(groups, args.html, db)
+        if args.json:
+            out = [json.dumps(groups_json(db, groups, sort=args.sort, offset=args.offset,
+                                          total=run_groups_total(db, args.run_id)), indent=2)]
+        elif args.csv:
+            out = [groups_csv(db, groups).rstrip("\n")]
+        else:
+            out = [] if groups else ["no duplicate groups (run `lookalike dedupe` first)"]
+            for group in groups:
+                out.append(f"group {group.group_id} ({len(group.members)} images)")
+                for m in group.members:
+                    mark = "keep" if m.is_keeper else f"d={m.distance}"
+                    decided = "" if m.is_keeper and m.verified_by is None else \
+                        f"{'' if m.score is None else f'{m.score:.3f} '}{m.verified_by or ''}"
+                    out.append(f"  {mark:>6}  {m.image_id:>7}  {m.label or '':<12} {m.width}x{m.height} "
+                               f"{m.byte_size:>9} B  {m.format or '':<5} {decided:<16} {m.source}")
+    if args.html:  # on stderr when stdout is data
+        print(f"report: {args.html}", file=sys.stderr if args.json or args.csv else sys.stdout, flush=True)
+    print("\n".join(out))
+    return 0
+
+
+def cmd_review(args) -> int:
+    from .review import review_group  # lazy: a cold --help loads no step
+    with _open_db(args) as db:
+        outcome = review_group(db, **REVIEW_ACTIONS["review"].kwargs(vars(args)))
+    print(json.dumps(outcome.as_dict(), indent=2) if args.json else "\n".join(outcome.lines()))
+    return 0
+
+
+def cmd_removable(args) -> int:
+    from .review import removable_images  # lazy: a cold --help loads no step
+    with _open_db(args) as db:
+        found = removable_images(db)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in found], indent=2))
+    else:  # one line each: store path, tab, first source
+        print("\n".join(f"{r.path}\t{r.source}" for r in found))
+    print(f"{len(found)} removable images (non-keepers of the latest dedupe run); lookalike deletes nothing",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_decisions(args) -> int:
+    from .review import list_decisions  # lazy: a cold --help loads no step
+    with _open_db(args) as db:
+        found = list_decisions(db)
+    if args.json:
+        print(json.dumps([d.as_dict() for d in found], indent=2))
+        return 0
+    print("no review decisions yet" if not found else
+          f"{'id':>5}  {'when':<25} {'by':<16} {'decision':<13} {'image':>7} {'other':>7} {'group':>7}  note")
+    for d in found:
+        print(f"{d.id:>5}  {d.decided_at:<25} {d.decided_by:<16} {d.decision:<13} {d.image_id:>7} "
+              f"{d.other_id or '':>7} {d.group_id or '':>7}  {d.note or ''}")
     return 0
 
 
@@ -149,7 +206,17 @@ def cmd_export(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    import socket
     from .web.app import serve  # lazy: a cold --help loads no step
+    # Bound and let go here, as uvicorn binds it: a busy port fails before "serving on ..." is printed.
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as exc:
+            from .errors import Busy
+            raise Busy(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
     serve(args.db, args.store, host=args.host, port=args.port, allow_private_urls=args.allow_private_urls)
     return 0
 
@@ -165,6 +232,12 @@ def cmd_store_check(args) -> int:
 def cmd_db_install(args) -> int:
     from .plpython import install  # lazy: a cold --help loads no step
     print("\n".join(install(args.db, args.target, store_dir=args.store).lines()))
+    return 0
+
+
+def cmd_db_init(args) -> int:
+    with _open_db(args) as db:
+        print(f"database ready: {db.masked_url} (image store {db.store.root})")
     return 0
 
 
@@ -224,14 +297,24 @@ def cmd_rank(args) -> int:
     return 0
 
 
+def cmd_index(args) -> int:
+    from . import index  # lazy: a cold --help loads no step
+    step = INDEX_ACTIONS[args.action]
+    with _open_db(args) as db:
+        status = getattr(index, step.function.split(".")[1])(db, **step.kwargs(vars(args)))
+    print("\n".join(status.lines()))
+    return 0
+
+
 def cmd_similar(args) -> int:
-    from .net import FetchLimits  # lazy: a cold --help loads no step
     from .search import query_bytes, similar_images  # lazy: a cold --help loads no step
     # A path or URL is read once: the search and the contact sheet use the same bytes.
     given = args.query
-    args.query = given if given.isdigit() else query_bytes(given, FetchLimits())
+    args.query = given if given.isdigit() else query_bytes(given)
     with _open_db(args) as db:
-        matches = similar_images(db, **_kwargs(args, "similar"))
+        if given.isdigit():
+            _must_exist(db, int(given))
+        matches = _ties_by_id(similar_images(db, **_kwargs(args, "similar")))
         if args.sheet:
             _similar_sheet(db, given, args.query, matches, args.sheet)
     if args.json:
@@ -241,9 +324,36 @@ def cmd_similar(args) -> int:
         for m in matches:
             print(f"{m.rank:>4}  {m.image_id:>7}  {m.label or '':<12} {m.distance:>8.4f} {m.similarity:>10.4f}  "
                   f"{m.source}")
+    shared = Counter(_tie_key(m) for m in matches)
+    tied = sum(n for n in shared.values() if n > 1)
+    if tied and args.space == "scores":
+        print(f"note: {tied} of {len(matches)} results tie: in the scores space an image is its class "
+              "probabilities, so images the classifier is equally sure of are equally similar; ties are "
+              "listed by image id (--space embeddings tells them apart)",
+              file=sys.stderr if args.json else sys.stdout)
     if args.sheet:
         print(f"contact sheet: {args.sheet}", file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+def _tie_key(match) -> float:
+    return -float(f"{match.similarity:.4f}")   # as printed: results that print the same similarity tie
+
+
+def _ties_by_id(matches: list) -> list:
+    """``matches`` with ties ordered by image id, ranks renumbered: the same output on every run."""
+    from dataclasses import replace  # lazy, like the step imports
+    ordered = sorted(matches, key=lambda m: (_tie_key(m), m.image_id))
+    return [replace(m, rank=rank) for rank, m in enumerate(ordered, start=1)]
+
+
+def _must_exist(db, image_id: int) -> None:
+    import sqlalchemy as sa  # lazy: a cold --help loads no step
+    from .db import images
+    from .errors import NotFound
+    with db.engine.connect() as conn:
+        if conn.execute(sa.select(images.c.id).where(images.c.id == image_id)).first() is None:
+            raise NotFound(f"no such image {image_id}")
 
 
 def _similar_sheet(db, name: str, query: str | bytes, matches, path: Path) -> None:
@@ -267,24 +377,57 @@ def cmd_run(args) -> int:
     return 130 if summary.interrupted else 0
 
 
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default (unless it has none, or says it itself)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        default = action.default
+        if not action.option_strings or default in (None, False, argparse.SUPPRESS) or "default" in help:
+            return help
+        shown = default[0] if isinstance(default, (tuple, list)) and len(default) == 1 else default
+        return f"{help} (default: {str(shown).replace('%', '%%')})"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with shown defaults and a "did you mean" for a mistyped command or choice."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        found = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+        if found:
+            message += _did_you_mean(found[1], re.findall(r"'([^']*)'", found[2]))
+        super().error(message)
+
+
 def _value_type(param: Param):
     """argparse ``type`` for ``param``: parse, then the registry's bounds, as one clear line."""
+    shown = param.name if param.positional else param.cli_flag   # the user's spelling, not Python's
+
     def convert(text: str):
         try:
             value = param.type(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{param.name} must be a number, not {text!r}") from None
+            raise argparse.ArgumentError(None, f"{shown} must be a number, not {text!r}") from None
         try:
-            return param.check(value)
+            return param.check(value, shown)
         except ValueError as exc:  # the registry's BadInput: out of bounds or choices
-            raise argparse.ArgumentTypeError(str(exc)) from None
+            hint = _did_you_mean(text, param.choices) if param.choices else ""
+            raise argparse.ArgumentError(None, f"{exc}{hint}") from None   # None: the message names the flag
     return convert
 
 
 def _add_param(p: argparse.ArgumentParser, param: Param) -> None:
     """One registry parameter as an argument: positional when it has no default, else its flag."""
-    shown = param.default[0] if isinstance(param.default, tuple) and len(param.default) == 1 else param.default
-    help = param.help + ("" if shown is None or shown is False or shown is REQUIRED else f" (default: {shown})")
+    help = param.help
     if param.positional:
         p.add_argument(param.name, type=_value_type(param), help=param.help, metavar=param.metavar,
                        **({} if param.default is REQUIRED else {"nargs": "?", "default": param.default}))
@@ -312,7 +455,7 @@ def _kwargs(args, name: str) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--db", default=argparse.SUPPRESS,
                         help="database URL (default: $LOOKALIKE_DB or sqlite:///lookalike.db)")
     common.add_argument("--store", default=argparse.SUPPRESS,
@@ -320,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                         help="no progress bars")
 
-    parser = argparse.ArgumentParser(prog="lookalike", parents=[common],
+    parser = _Parser(prog="lookalike", parents=[common],
                                      description="Find look-alike and duplicate images in your SQL database.")
     parser.add_argument("--version", action="version", version=f"lookalike {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -344,10 +487,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = _step_parser(sub, common, "dedupe", cmd_dedupe)
     p.add_argument("--html", type=Path, help="also write an HTML report of the groups")
 
-    p = sub.add_parser("duplicates", parents=[common], help="list the groups of the latest dedupe run")
-    p.add_argument("--run", type=int, help="dedupe run id (default: the latest)")
-    p.add_argument("--html", type=Path, help="write an HTML page with thumbnails, keeper marked")
-    p.set_defaults(func=cmd_duplicates)
+    p = _step_parser(sub, common, "duplicates", cmd_duplicates)
+    p.add_argument("--html", type=Path, help="write an HTML page, thumbnails in a folder beside it, keeper marked")
+    output = p.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print JSON: groups, members, paths and sources")
+    output.add_argument("--csv", action="store_true", help="print CSV, one row per member")
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    for name, func in (("review", cmd_review), ("removable", cmd_removable), ("decisions", cmd_decisions)):
+        step = REVIEW_ACTIONS[name]
+        a = actions.add_parser(name, parents=[common], help=step.help)
+        for param in step.params:
+            _add_param(a, param)
+        a.add_argument("--json", action="store_true", help="print JSON")
+        a.set_defaults(func=func)
 
     p = _step_parser(sub, common, "uniques", cmd_uniques)
     p.add_argument("--plot", type=Path, help="save the table as a PNG plot")
@@ -363,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("query", parents=[common], help="manage query_images")
     qsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     q = qsub.add_parser("add", parents=[common], help="add images (ids, paths or URLs) to query_images")
-    q.add_argument("images", nargs="+")
+    q.add_argument("images", nargs="+", help="stored image ids, paths or URLs")
     q.set_defaults(func=cmd_query)
 
     _step_parser(sub, common, "rank", cmd_rank)
@@ -371,6 +523,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = _step_parser(sub, common, "similar", cmd_similar)
     p.add_argument("--sheet", type=Path, help="save a contact sheet PNG of the results")
     p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("index", parents=[common], help="the vector index beside the image store: status, rebuild")
+    isub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, step in INDEX_ACTIONS.items():
+        a = isub.add_parser(name, parents=[common], help=step.help)
+        for param in step.params:
+            _add_param(a, param)
+        a.set_defaults(func=cmd_index)
 
     p = sub.add_parser("run", parents=[common], help="the whole pipeline: " + ", ".join(RUN_STEPS))
     for param in run_params():
@@ -380,8 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     _step_parser(sub, common, "export", cmd_export)
 
     p = sub.add_parser("serve", parents=[common], help="the web page and JSON API")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--allow-private-urls", action="store_true",
                    help="let URL queries fetch from loopback and private networks")
     p.set_defaults(func=cmd_serve)
@@ -392,12 +552,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fix", action="store_true", help="delete orphans and temporary files older than --grace, "
                                                      "mark rows whose bytes are missing or damaged failed")
     s.add_argument("--grace", type=float, default=DEFAULT_GRACE_S,
-                   help="seconds: younger leftovers may belong to a running load and are kept "
-                        f"(default {DEFAULT_GRACE_S:g})")
+                   help="seconds: younger leftovers may belong to a running load and are kept")
     s.set_defaults(func=cmd_store_check)
 
-    p = sub.add_parser("db", parents=[common], help="PostgreSQL: install or remove the PL/Python procedures")
+    p = sub.add_parser("db", parents=[common], help="create a database; PostgreSQL: install or remove the "
+                                                    "PL/Python procedures")
     dsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    d = dsub.add_parser("init", parents=[common], help="create an empty database (other commands than load "
+                                                       "and run refuse a SQLite file that does not exist)")
+    d.set_defaults(func=cmd_db_init)
     d = dsub.add_parser("install", parents=[common], help="schema, plpython3u, packages and procedures")
     d.add_argument("--target", type=Path, help="folder the server's Python imports lookalike from "
                                                "(default /var/lib/lookalike/python3.11)")
@@ -411,6 +574,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that may create a database, and those that open none (or check their own URL); every
+# other command refuses a SQLite file that does not exist.
+CREATES_DB = {cmd_load, cmd_run, cmd_db_init}
+OPENS_NO_DB = {cmd_samples, cmd_db_sql, cmd_db_install, cmd_db_uninstall}
+
+
+def _print_notes(exc: BaseException) -> None:
+    """What the failed command finished first (`run`'s earlier steps), as its normal output."""
+    for note in getattr(exc, "__notes__", ()):
+        print(mask_secrets(note))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for name, default in (("db", None), ("store", None), ("quiet", False)):
@@ -418,6 +593,8 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, name, default)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
+        if args.func not in CREATES_DB | OPENS_NO_DB:
+            _refuse_missing_sqlite(args.db)
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -428,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BROKEN_PIPE
     except DBAPIError as exc:
         from .db import describe_db_error  # lazy, like every step's import: keeps NumPy out of a cold --help
+        _print_notes(exc)
         print(f"error: {mask_secrets(describe_db_error(exc))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Exception as exc:
@@ -437,6 +615,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             print(mask_secrets("".join(traceback.format_exception(exc))), end="", file=sys.stderr)
             return EXIT_BUG
+        _print_notes(exc)
         print(f"error: {mask_secrets(str(error))}", file=sys.stderr)
         return error.exit_code
 

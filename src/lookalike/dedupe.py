@@ -27,6 +27,11 @@ rule also stores the score that decided and whether the embedding or the
 geometry decided it. The exact and near rules leave low-detail (flat) images
 out, because their hashes collide; the verified rule checks them like any other.
 
+People's review decisions (:mod:`lookalike.review`) bind every rule: a pair
+marked not duplicate never ends in one group, a confirmed pair is grouped before
+any match, and an image to keep is its group's keeper (``verified_by`` =
+``review``); the exact rule applies them after its SQL grouping.
+
 Nothing is deleted. Each run writes a ``dedupe_runs`` row and its
 ``duplicate_groups``; the latest run is the current one, and re-running the
 latest run's parameters replaces that run's groups in place. A run that fails
@@ -59,6 +64,7 @@ from .hamming import hamming_rows
 from .images import LOSSLESS_FORMATS, ImageError, open_image
 from .neardup import pairs_within
 from .phash import KINDS, compute_hashes, is_low_detail
+from .review import REVIEWED, Review, load_review, pair
 from .steps import STEPS, default
 from .vectors import nearest_neighbours
 
@@ -315,6 +321,29 @@ def _group_exact(conn: Connection, summary: DedupeSummary) -> None:
         sa.select(sa.literal(summary.run_id, sa.Integer), ranked.c.image_id, ranked.c.keeper_id,
                   ranked.c.position == 1, sa.literal(0, sa.Integer))
         .where(ranked.c.members >= 2)))
+    _regroup_reviewed(conn, summary, load_review(conn))
+
+
+def _regroup_reviewed(conn: Connection, summary: DedupeSummary, review: Review) -> None:
+    """Exact rule: the equal-hash sets people decided on, grouped again in Python with their decisions."""
+    if not review:
+        return
+    rows = _hashed_rows(conn, summary)
+    key = {r.id: (r.hex, r.label if summary.per_label else None) for r in rows}
+    keys = {key[i] for i in review.ids() if i in key}
+    rows = [r for r in rows if key[r.id] in keys]
+    if not rows:
+        return
+    sets: dict[tuple, list[int]] = {}
+    for k, r in enumerate(rows):
+        sets.setdefault(key[r.id], []).append(k)
+    pairs = np.array([(a, b) for ks in sets.values() for i, a in enumerate(ks) for b in ks[i + 1:]],
+                     dtype=np.int64).reshape(-1, 2)
+    conn.execute(sa.delete(duplicate_groups).where(duplicate_groups.c.run_id == summary.run_id,
+                                                   duplicate_groups.c.image_id.in_([r.id for r in rows])))
+    hashes = hash_matrix(summary.hash_kind, summary.size, max(r.bits for r in rows),
+                         [r.hex for r in rows], [r.value for r in rows])
+    _write_groups(conn, summary, rows, keeper_groups(rows, pairs[:, 0], pairs[:, 1], review=review), hashes)
 
 
 def hash_matrix(kind: str, size: int, bits: int, hexes: list[str], values: list[int | None]) -> np.ndarray:
@@ -349,13 +378,19 @@ def _hashed_rows(conn: Connection, summary: DedupeSummary) -> list:
         .where(*_candidates_where(summary)).order_by(images.c.id)).all()
 
 
-def keeper_groups(rows: list, first: np.ndarray, second: np.ndarray, score: np.ndarray | None = None) -> np.ndarray:
+def keeper_groups(rows: list, first: np.ndarray, second: np.ndarray, score: np.ndarray | None = None,
+                  review: Review | None = None) -> np.ndarray:
     """Keeper index per row (-1: in no group) from matching pairs, without chaining.
 
     Rows are taken in keeper order. A row that matches a keeper taken before it
     joins that keeper's group (the best-scoring one, if it matches several);
     otherwise it becomes a keeper itself. A row joins only a keeper it matches
     *directly*, so A~B and B~C never put A and C in one group unless A~C too.
+
+    People's decisions (``review``, by image id) come first: a row never joins a
+    group holding an image it is not a duplicate of; a row confirmed with an
+    image taken before it joins that image's group ahead of any match; and an
+    image to keep becomes its group's keeper (the later decision, if two).
     """
     n = len(rows)
     order = sorted(range(n), key=lambda k: keeper_key(rows[k].width, rows[k].height, rows[k].byte_size,
@@ -367,12 +402,33 @@ def keeper_groups(rows: list, first: np.ndarray, second: np.ndarray, score: np.n
     for a, b, s in zip(first.tolist(), second.tolist(), score.tolist()):
         better, worse = (a, b) if rank[a] < rank[b] else (b, a)
         matches.setdefault(worse, []).append((-s, int(rank[better]), better))
+    review = review or Review()
+    index = {r.id: k for k, r in enumerate(rows)} if review else {}
+    apart = {(index[a], index[b]) for a, b in review.apart if a in index and b in index}
+    apart |= {(b, a) for a, b in apart}
+    together = set()                                        # (worse, better-ranked row) confirmed
+    for a, b in review.together:
+        if a in index and b in index:
+            better, worse = sorted((index[a], index[b]), key=lambda k: rank[k])
+            together.add((worse, better))
+            matches.setdefault(worse, []).append((-np.inf, int(rank[better]), better))
     keeper = np.full(n, -1, dtype=np.int64)
+    members: dict[int, list[int]] = {}
     for k in order:
-        joined = min(((s, r, c) for s, r, c in matches.get(k, ()) if keeper[c] == c), default=None)
+        options = []
+        for s, _, c in matches.get(k, ()):
+            group = int(keeper[c]) if (k, c) in together else c if keeper[c] == c else -1
+            if group >= 0 and not any((k, m) in apart for m in members[group]):
+                options.append((s, int(rank[group]), group))
+        joined = min(options, default=None)
         keeper[k] = k if joined is None else joined[2]   # a keeper left alone is dropped below
+        members.setdefault(int(keeper[k]), []).append(k)
     sizes = np.bincount(keeper, minlength=n)
     keeper[sizes[keeper] < 2] = -1
+    for group in members.values():
+        kept = [m for m in group if rows[m].id in review.keep]
+        if len(group) > 1 and kept:
+            keeper[group] = max(kept, key=lambda m: review.keep[rows[m].id])
     return keeper
 
 
@@ -383,11 +439,21 @@ def _write_groups(conn: Connection, summary: DedupeSummary, rows: list, keeper: 
         return
     keepers = keeper[grouped]
     distances = hamming_rows(hashes[grouped], hashes[keepers])
+    review = load_review(conn)
     records = []
     for k, kept, d in zip(grouped.tolist(), keepers.tolist(), distances.tolist()):
         score, method = (None, None)
-        if decision is not None and k != kept:
-            score, method = decision[(min(k, kept), max(k, kept))]
+        if k == kept:
+            method = REVIEWED if rows[k].id in review.keep else None
+        else:
+            # What put the member with this keeper: the rule's check, or a person (a confirmed
+            # pair, or a keeper or partner chosen in review that the rule did not match it with).
+            if decision is not None:
+                score, method = decision.get((min(k, kept), max(k, kept)), (None, REVIEWED))
+            elif d > (summary.max_distance or 0) or (summary.per_label and rows[k].label != rows[kept].label):
+                method = REVIEWED
+            if pair(rows[k].id, rows[kept].id) in review.together:
+                method = REVIEWED
         records.append({"run_id": summary.run_id, "image_id": rows[k].id, "group_id": rows[kept].id,
                         "is_keeper": k == kept, "distance": int(d), "score": score, "verified_by": method})
     conn.execute(sa.insert(duplicate_groups), records)
@@ -409,7 +475,7 @@ def _group_near(conn: Connection, summary: DedupeSummary) -> None:
     if summary.per_label:
         same = _same_label(rows, first, second)
         first, second = first[same], second[same]
-    _write_groups(conn, summary, rows, keeper_groups(rows, first, second), hashes)
+    _write_groups(conn, summary, rows, keeper_groups(rows, first, second, review=load_review(conn)), hashes)
 
 
 # ---- the verified rule -----------------------------------------------------------------
@@ -446,7 +512,7 @@ def _group_verified(conn: Connection, db: Database, summary: DedupeSummary, back
     preference[ambiguous] = [g.correlation if g else 0.0 for g in verifier.geometry(ambiguous)]
     summary.unreadable = len(verifier.cache.unreadable)
     chosen = np.flatnonzero(accepted)
-    keeper = keeper_groups(rows, first[chosen], second[chosen], preference[chosen])
+    keeper = keeper_groups(rows, first[chosen], second[chosen], preference[chosen], load_review(conn))
     decision = {(int(first[k]), int(second[k])): (float(score[k]), method[k]) for k in chosen}
     _write_groups(conn, summary, rows, keeper, hashes, decision)
 
@@ -520,13 +586,18 @@ class _Verifier:
     def __init__(self, first: np.ndarray, second: np.ndarray, path_of):
         self.first, self.second = first, second
         self.cache = _ViewCache(path_of)
+        self.results: dict[int, object] = {}   # pair index -> Geometry (None: unreadable), each pair checked once
 
     def _check(self, k: int):
+        if k in self.results:
+            return self.results[k]
         a, b = self.cache.get(int(self.first[k])), self.cache.get(int(self.second[k]))
-        if a is None or b is None:
-            return None
-        from .verify import match_geometry   # OpenCV: only the verified rule
-        return match_geometry(a, b)
+        result = None
+        if a is not None and b is not None:
+            from .verify import match_geometry   # OpenCV: only the verified rule
+            result = match_geometry(a, b)
+        self.results[k] = result
+        return result
 
     def geometry(self, pairs: np.ndarray, progress: bool = False):
         """Geometry results (None: unreadable) for these pair indices, in order, two at a time."""

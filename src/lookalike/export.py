@@ -1,14 +1,20 @@
-"""Export step: the unique images of the split, as ``Train/<label>/…`` and ``Test/<label>/…`` files.
+"""Export step: the unique images, in one of three layouts.
+
+- ``train-test``: the split, as ``Train/<label>/…`` and ``Test/<label>/…`` (the default when a split exists);
+- ``by-label``: ``<label>/…``, no split needed (the default when labels exist); unlabelled images left out;
+- ``flat``: every unique image in the destination itself (the default for an unlabelled collection).
 
 The destination is a local folder (a path or ``file://`` URL) or an Azure Blob
 Storage container (``az://container/prefix``, the account from a connection
-string in an environment variable). Each image is named by its sha256, or by
-its dHash (size 8) with ``name_by="dhash"``, with the extension of its real
-format. Beside the images go two manifests: ``transferimages.txt``
-(``url<TAB>folder<TAB>filename``, as in the dHash lab) and ``manifest.csv``.
+string in an environment variable). Each image is named by its sha256, by
+its dHash (size 8) with ``name_by="dhash"``, or by its source's file name with
+``name_by="source"``, with the extension of its real format. Beside the images
+go two manifests: ``transferimages.txt`` (``url<TAB>folder<TAB>filename``, as in
+the dHash lab) and ``manifest.csv`` (each image's path, hash, source and the
+extra columns of the manifest it was loaded from, such as a SKU).
 
-Exported are the images that have a split and are still unique (ok, and not a
-non-keeper of the latest dedupe run). Objects are written concurrently; every
+Exported are the unique images (ok, and not a non-keeper of the latest dedupe
+run; in the train-test layout, those with a split). Objects are written concurrently; every
 object is complete or absent (a local file is written under a temporary name
 and renamed, a blob is committed in one request), so an interrupted export is
 resumed by running it again: an object already there with the same size and
@@ -28,6 +34,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import os
 import re
 import stat
@@ -55,11 +62,12 @@ from .store import DEFAULT_GRACE_S, sha256_hex
 DEFAULT_CONCURRENCY = default("export", "concurrency")
 CONNECTION_STRING_ENV = default("export", "connection_string_env")
 NAME_BY = STEPS["export"].param("name_by").choices
+LAYOUTS = STEPS["export"].param("layout").choices
 DHASH_NAME = ("dhash_rowcol", 8)   # the hash kind and size that name_by="dhash" uses
 SPLIT_FOLDERS = {"train": "Train", "test": "Test"}
 TRANSFER_MANIFEST = "transferimages.txt"
 CSV_MANIFEST = "manifest.csv"
-CSV_COLUMNS = ("image_id", "label", "split", "path", "sha256", "byte_size")
+CSV_COLUMNS = ("image_id", "label", "split", "path", "sha256", "byte_size", "source")
 
 # By Pillow format name; anything else is sent as octet-stream.
 CONTENT_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "GIF": "image/gif",
@@ -88,13 +96,15 @@ class ExportObject:
     """One image as it is exported."""
 
     image_id: int
-    label: str
-    split: str          # train | test
-    folder: str         # e.g. "Train/dotted/"
+    label: str | None
+    split: str | None   # train | test; None outside the train-test layout
+    folder: str         # e.g. "Train/dotted/", "dotted/", "" (flat)
     name: str           # e.g. "<sha256>.jpg"
     sha256: str
     byte_size: int
     content_type: str
+    source: str = ""    # where it was loaded from
+    metadata: dict = field(default_factory=dict, compare=False)   # the extra columns of its load manifest (SKU, ...)
 
     @property
     def key(self) -> str:
@@ -110,6 +120,8 @@ class ExportPlan:
     skipped_labels: dict[str, tuple[int, str]]  # label -> (images, why) for labels with no safe folder name
     duplicates_left_out: int              # split images that are non-keepers of a later dedupe run
     unsplit: int                          # unique images without a split
+    layout: str = "train-test"            # flat | by-label | train-test
+    unlabelled: int = 0                   # by-label: unique images without a label, left out
 
 
 def label_segment(label: str | None) -> str:
@@ -123,34 +135,52 @@ def label_segment(label: str | None) -> str:
     return segment
 
 
-def plan_export(db: Database, *, name_by: str = "sha256") -> ExportPlan:
-    """Which images go where: one :class:`ExportObject` per unique image with a split, by key."""
+def plan_export(db: Database, *, name_by: str = "sha256", layout: str | None = None) -> ExportPlan:
+    """Which images go where: one :class:`ExportObject` per unique image in ``layout``, by key.
+
+    ``layout`` None: train-test when a split exists, else by-label when labels exist, else flat.
+    """
     if name_by not in NAME_BY:
         raise ExportError(f"name_by must be one of {NAME_BY}, not {name_by!r}")
+    if layout not in (None, *LAYOUTS):
+        raise ExportError(f"layout must be one of {LAYOUTS}, not {layout!r}")
+    labelled = sa.and_(images.c.label.is_not(None), images.c.label != "")
     with db.engine.connect() as conn:
-        if conn.execute(sa.select(sa.func.count()).select_from(splits)).scalar_one() == 0:
-            raise ExportError("no split yet: run `lookalike split` first")
-        rows = conn.execute(
-            sa.select(images.c.id, images.c.label, images.c.sha256, images.c.format, images.c.byte_size,
-                      splits.c.split)
-            .join_from(splits, images, splits.c.image_id == images.c.id)
-            .where(is_unique_image()).order_by(images.c.id)).all()
-        duplicates_left_out = conn.execute(
-            sa.select(sa.func.count()).select_from(splits).where(splits.c.image_id.in_(non_keepers()))
-        ).scalar_one()
-        unsplit = conn.execute(sa.select(sa.func.count()).select_from(images).where(
-            is_unique_image(), ~sa.exists().where(splits.c.image_id == images.c.id))).scalar_one()
+        has_split = conn.execute(sa.select(splits.c.image_id).limit(1)).first() is not None
+        if layout is None:
+            has_labels = conn.execute(sa.select(images.c.id).where(is_unique_image(), labelled).limit(1)).first()
+            layout = "train-test" if has_split else "by-label" if has_labels else "flat"
+        if layout == "train-test" and not has_split:
+            raise ExportError("no split yet: run `lookalike split` first, or export with --layout by-label or flat")
+        columns = (images.c.id, images.c.label, images.c.sha256, images.c.format, images.c.byte_size,
+                   images.c.source, images.c.metadata)
+        duplicates_left_out = unsplit = unlabelled = 0
+        if layout == "train-test":
+            rows = conn.execute(sa.select(*columns, splits.c.split)
+                                .join_from(splits, images, splits.c.image_id == images.c.id)
+                                .where(is_unique_image()).order_by(images.c.id)).all()
+            duplicates_left_out = conn.execute(
+                sa.select(sa.func.count()).select_from(splits).where(splits.c.image_id.in_(non_keepers()))
+            ).scalar_one()
+            unsplit = conn.execute(sa.select(sa.func.count()).select_from(images).where(
+                is_unique_image(), ~sa.exists().where(splits.c.image_id == images.c.id))).scalar_one()
+        else:
+            wanted = sa.and_(is_unique_image(), labelled) if layout == "by-label" else is_unique_image()
+            rows = conn.execute(sa.select(*columns, sa.null().label("split")).where(wanted)
+                                .order_by(images.c.id)).all()
+            if layout == "by-label":
+                unlabelled = conn.execute(sa.select(sa.func.count()).select_from(images).where(
+                    is_unique_image(), ~labelled)).scalar_one()
         dhashes = {}
         if name_by == "dhash":
             kind, size = DHASH_NAME
             dhashes = dict(conn.execute(
                 sa.select(image_hashes.c.image_id, image_hashes.c.hex)
-                .join_from(splits, image_hashes, splits.c.image_id == image_hashes.c.image_id)
                 .where(image_hashes.c.kind == kind, image_hashes.c.size == size)).all())
 
     # A label with no safe folder name of its own is left out alone; the other labels export.
     segments, reasons = {}, {}
-    for label in sorted({row.label for row in rows}):
+    for label in sorted({row.label for row in rows}) if layout != "flat" else ():
         try:
             segments[label] = label_segment(label)
         except ExportError as exc:
@@ -173,27 +203,44 @@ def plan_export(db: Database, *, name_by: str = "sha256") -> ExportPlan:
             raise ExportError(f"{missing} images have no {DHASH_NAME[0]} size {DHASH_NAME[1]} hash: "
                               "run `lookalike hash` first, or name them by sha256")
 
-    def stem(row) -> str:
-        return dhashes[row.id] if name_by == "dhash" else row.sha256
+    def folder(row) -> str:
+        if layout == "flat":
+            return ""
+        label = segments[row.label] + "/"
+        return label if layout == "by-label" else f"{SPLIT_FOLDERS[row.split]}/{label}"
 
-    # A dHash name taken twice in one folder would overwrite: those images keep their sha256 name.
-    taken = Counter((row.split, row.label, stem(row)) for row in rows)
+    def extension(row) -> str:
+        return EXTENSIONS.get(row.format, (row.format or "bin").lower())
+
+    def name(row) -> str:
+        stem = {"dhash": lambda: dhashes[row.id], "source": lambda: source_stem(row.source)}.get(
+            name_by, lambda: None)()
+        return f"{stem or row.sha256}.{extension(row)}"
+
+    # A name taken twice in one folder would overwrite: those images keep their sha256 name.
+    taken = Counter((folder(row), name(row)) for row in rows)
     objects, fallbacks = [], 0
     for row in rows:
-        name = stem(row)
-        if taken[(row.split, row.label, name)] > 1:
-            name, fallbacks = row.sha256, fallbacks + 1
+        chosen = name(row)
+        if taken[(folder(row), chosen)] > 1:
+            chosen, fallbacks = f"{row.sha256}.{extension(row)}", fallbacks + 1
         objects.append(ExportObject(
-            image_id=row.id, label=row.label, split=row.split,
-            folder=f"{SPLIT_FOLDERS[row.split]}/{segments[row.label]}/",
-            name=f"{name}.{EXTENSIONS.get(row.format, (row.format or 'bin').lower())}",
+            image_id=row.id, label=row.label, split=row.split, folder=folder(row), name=chosen,
             sha256=row.sha256, byte_size=row.byte_size,
-            content_type=CONTENT_TYPES.get(row.format, "application/octet-stream")))
+            content_type=CONTENT_TYPES.get(row.format, "application/octet-stream"),
+            source=row.source, metadata=json.loads(row.metadata) if row.metadata else {}))
     objects.sort(key=lambda o: o.key)
     return ExportPlan(tuple(objects), fallbacks,
                       {label: seg for label, seg in segments.items() if seg != label and label not in reasons},
                       skipped,
-                      duplicates_left_out, unsplit)
+                      duplicates_left_out, unsplit, layout, unlabelled)
+
+
+def source_stem(source: str) -> str | None:
+    """The file name a source had, without its extension, as a safe name; None when nothing usable is left."""
+    path = unquote(urlparse(source).path) if "://" in source else source
+    stem = _UNSAFE_IN_SEGMENT.sub("_", os.path.splitext(path.replace("\\", "/").rsplit("/", 1)[-1])[0]).strip(". ")
+    return stem if stem and len(stem.encode()) <= 200 else None
 
 
 # ---------------------------------------------------------------- destinations
@@ -206,8 +253,8 @@ class Target(Protocol):
     def foreign(self, name: str) -> str | None: ...
     def put(self, key: str, data: bytes, sha256: str, content_type: str) -> None: ...
     def url(self, key: str) -> str: ...
-    def keys(self) -> set[str]: ...
-    def sweep(self, grace: float) -> int: ...
+    def keys(self, tops: set[str]) -> set[str]: ...
+    def sweep(self, grace: float, tops: set[str]) -> int: ...
     def close(self) -> None: ...
 
 
@@ -326,15 +373,21 @@ class FolderTarget:
     def url(self, key: str) -> str:
         return (self.root / key).as_uri()
 
-    def keys(self) -> set[str]:
+    def keys(self, tops: set[str]) -> set[str]:
+        """The files under the top folders ``tops`` ("": the root's own files, manifests aside)."""
         if self._fd is None:
             return set()
         # fwalk does not follow links, not even a linked Train/ itself.
-        return {f"{folder}/{name}" for top in SPLIT_FOLDERS.values()
-                for folder, _, files, _ in os.fwalk(top, dir_fd=self._fd) for name in files
-                if not name.startswith(".")}
+        found = {f"{folder}/{name}" for top in tops - {""}
+                 for folder, _, files, _ in os.fwalk(top, dir_fd=self._fd) for name in files
+                 if not name.startswith(".")}
+        if "" in tops:
+            found |= {name for name in os.listdir(self._fd)
+                      if not name.startswith(".") and name not in MANIFEST_TYPES
+                      and stat.S_ISREG(os.stat(name, dir_fd=self._fd, follow_symlinks=False).st_mode)}
+        return found
 
-    def sweep(self, grace: float) -> int:
+    def sweep(self, grace: float, tops: set[str]) -> int:
         """Delete temporary files that an interrupted export left, once older than ``grace`` seconds.
 
         Younger ones may belong to an export running now. Returns how many were deleted.
@@ -353,9 +406,9 @@ class FolderTarget:
                         removed += 1
             return removed
 
-        # The manifests' folder, then Train/ and Test/ (fwalk's handles live only while it walks).
+        # The manifests' folder, then the export's top folders (fwalk's handles live only while it walks).
         return sweep_in(self._fd, os.listdir(self._fd)) + sum(
-            sweep_in(folder, names) for top in SPLIT_FOLDERS.values()
+            sweep_in(folder, names) for top in tops - {""}
             for _, _, names, folder in os.fwalk(top, dir_fd=self._fd))
 
     def close(self) -> None:
@@ -378,9 +431,9 @@ def _is_our_manifest(name: str, head: bytes) -> bool:
     """Whether a manifest's first bytes are what :func:`manifest_texts` writes."""
     first = head.split(b"\n", 1)[0].decode("utf-8", "replace")
     if name == CSV_MANIFEST:
-        return first == ",".join(CSV_COLUMNS)
+        return first.startswith(",".join(CSV_COLUMNS[:6]))   # older versions wrote no source column
     fields = first.split("\t")
-    return not head or (len(fields) == 3 and fields[1].split("/", 1)[0] in SPLIT_FOLDERS.values())
+    return not head or (len(fields) == 3 and "://" in fields[0] and (fields[1] == "" or fields[1].endswith("/")))
 
 
 @dataclass(frozen=True)
@@ -470,10 +523,11 @@ class BlobTarget:
     def url(self, key: str) -> str:
         return f"{self._container.url}/{quote(self.prefix + key, safe='/')}"
 
-    def keys(self) -> set[str]:
-        return {key for key in self._existing if key.split("/", 1)[0] in SPLIT_FOLDERS.values()}
+    def keys(self, tops: set[str]) -> set[str]:
+        return {key for key in self._existing if key not in MANIFEST_TYPES
+                and (key.split("/", 1)[0] if "/" in key else "") in tops}
 
-    def sweep(self, grace: float) -> int:
+    def sweep(self, grace: float, tops: set[str]) -> int:
         return 0  # a blob is committed in one request: nothing half-written to clean up
 
     def close(self) -> None:
@@ -556,6 +610,8 @@ class ExportSummary:
     skipped_labels: dict[str, tuple[int, str]] = field(default_factory=dict)  # label -> (images, why)
     duplicates_left_out: int = 0
     unsplit: int = 0
+    layout: str = "train-test"
+    unlabelled: int = 0
     interrupted: bool = False
 
     def lines(self) -> list[str]:
@@ -565,7 +621,8 @@ class ExportSummary:
                    f"would be written to {self.destination}, {self.already_there} already there"]
             out += [f"  would write {key}" for key in self.would_write]
         else:
-            out = [f"exported {self.images} images to {self.destination}: {self.uploaded} written "
+            out = [f"exported {self.images} images ({self.layout} layout) to {self.destination}: "
+                   f"{self.uploaded} written "
                    f"({megabytes:.1f} MB), {self.already_there} already there, {len(self.failed)} failed, "
                    f"in {self.seconds:.1f} s"]
             if self.images and not self.failed and not self.interrupted:
@@ -577,7 +634,7 @@ class ExportSummary:
         if self.failed:
             out.append("  manifests not written: run the same command again to retry the failures")
         if self.sha256_fallbacks:
-            out.append(f"  {self.sha256_fallbacks} images named by sha256: their dHash name was taken twice "
+            out.append(f"  {self.sha256_fallbacks} images named by sha256: their name was taken twice "
                        "in one folder")
         out += [f"  label {label!r} exported as folder {segment!r}" for label, segment in self.renamed_labels.items()]
         out += [f"  skipped {n} images: {reason}" for n, reason in self.skipped_labels.values()]
@@ -587,8 +644,10 @@ class ExportSummary:
         if self.unsplit:
             out.append(f"  left out: {self.unsplit} unique images without a split (no label, or loaded after "
                        "the split: run `lookalike split` again)")
+        if self.unlabelled:
+            out.append(f"  left out: {self.unlabelled} unique images without a label (--layout flat exports them)")
         if self.not_in_export:
-            out.append(f"  {self.not_in_export} objects under Train/ and Test/ are not in this export "
+            out.append(f"  {self.not_in_export} objects in the export's folders are not in this export "
                        "(left in place)")
         if self.temporaries_removed:
             out.append(f"  removed {self.temporaries_removed} temporary files that an interrupted export left")
@@ -597,7 +656,8 @@ class ExportSummary:
         return out
 
 
-def export_images(db: Database, dest: str, *, name_by: str = default("export", "name_by"), dry_run: bool = False,
+def export_images(db: Database, dest: str, *, layout: str | None = None,
+                  name_by: str = default("export", "name_by"), dry_run: bool = False,
                   concurrency: int = DEFAULT_CONCURRENCY, progress: bool | None = None,
                   create_container: bool = False, connection_string_env: str = CONNECTION_STRING_ENV,
                   force: bool = False) -> ExportSummary:
@@ -614,14 +674,16 @@ def export_images(db: Database, dest: str, *, name_by: str = default("export", "
     if concurrency < 1:
         raise ExportError("concurrency must be at least 1")
     started = time.monotonic()
-    plan = plan_export(db, name_by=name_by)
+    plan = plan_export(db, name_by=name_by, layout=layout)
     target = open_target(dest, concurrency=concurrency, create_container=create_container,
                          connection_string_env=connection_string_env, store=db.store.root)
     summary = ExportSummary(target.display, dry_run=dry_run, images=len(plan.objects),
                             sha256_fallbacks=plan.sha256_fallbacks, renamed_labels=dict(plan.renamed_labels),
                             skipped_labels=dict(plan.skipped_labels),
-                            duplicates_left_out=plan.duplicates_left_out, unsplit=plan.unsplit)
-    params = {"dest": target.display, "name_by": name_by, "concurrency": concurrency, "force": force}
+                            duplicates_left_out=plan.duplicates_left_out, unsplit=plan.unsplit,
+                            layout=plan.layout, unlabelled=plan.unlabelled)
+    params = {"dest": target.display, "layout": plan.layout, "name_by": name_by, "concurrency": concurrency,
+              "force": force}
     with nullcontext({}) if dry_run else recorded_run(db, "export", params) as counts:
         try:
             target.open(dry_run=dry_run)
@@ -633,9 +695,10 @@ def export_images(db: Database, dest: str, *, name_by: str = default("export", "
                             progress=sys.stderr.isatty() if progress is None else progress)
             if not summary.failed and not summary.interrupted:
                 _write_manifests(target, plan.objects, summary, dry_run=dry_run)
-                summary.not_in_export = len(target.keys() - {o.key for o in plan.objects})
+                tops = {o.key.split("/", 1)[0] if "/" in o.key else "" for o in plan.objects}
+                summary.not_in_export = len(target.keys(tops) - {o.key for o in plan.objects})
                 if not dry_run:
-                    summary.temporaries_removed = target.sweep(DEFAULT_GRACE_S)
+                    summary.temporaries_removed = target.sweep(DEFAULT_GRACE_S, tops)
         finally:
             target.close()
             summary.seconds = time.monotonic() - started
@@ -703,10 +766,13 @@ def _export_objects(db: Database, target: Target, objects: tuple[ExportObject, .
 def manifest_texts(target: Target, objects: tuple[ExportObject, ...]) -> dict[str, str]:
     """The two manifests' contents, by file name: the lab's transfer list and a CSV of every image."""
     transfer = "".join(f"{target.url(o.key)}\t{o.folder}\t{o.name}\n" for o in objects)
+    # Then one column per metadata key of the load manifest (SKU, ...); a key named like ours gets a prefix.
+    keys = sorted({key for o in objects for key in o.metadata})
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    writer.writerows((o.image_id, o.label, o.split, o.key, o.sha256, o.byte_size) for o in objects)
+    writer.writerow(CSV_COLUMNS + tuple(f"metadata.{k}" if k in CSV_COLUMNS else k for k in keys))
+    writer.writerows((o.image_id, o.label, o.split, o.key, o.sha256, o.byte_size, o.source,
+                      *(o.metadata.get(k, "") for k in keys)) for o in objects)
     return {TRANSFER_MANIFEST: transfer, CSV_MANIFEST: table.getvalue()}
 
 

@@ -11,16 +11,19 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from collections import Counter
 
 import numpy as np
 import sqlalchemy as sa
 
-from .backbones import Backbone, embed_sources, load_backbone
 from .config import DEFAULT_BACKBONE
 from .db import Database, embeddings, feature_models, images, now, recorded_run, vector_bytes, vector_from_bytes
-from .errors import Precondition
+from .errors import BadInput, Precondition
 from .steps import check, default
+
+if TYPE_CHECKING:
+    from .backbones import Backbone   # imported where used: torch stays out of a by-id search
 
 COMMIT_SECONDS = 2.0
 
@@ -59,6 +62,9 @@ def latest_feature_model(conn, name: str = DEFAULT_BACKBONE) -> int:
     """The id of the newest feature model with this name; a clear error when none was featurized."""
     model_id = conn.execute(sa.select(sa.func.max(feature_models.c.id)).where(feature_models.c.name == name)).scalar()
     if model_id is None:
+        from .backbones import available_backbones
+        if name not in available_backbones():   # a typo, not a missing step
+            raise BadInput(f"unknown backbone {name!r}; available: {', '.join(available_backbones())}")
         raise Precondition(f"no embeddings for model {name!r}: run `lookalike featurize` first")
     return model_id
 
@@ -81,6 +87,7 @@ def featurize_images(db: Database, *, backbone: str = DEFAULT_BACKBONE, device: 
     check("featurize", batch_size=batch_size)
     if progress is None:
         progress = sys.stderr.isatty()
+    from .backbones import embed_sources, load_backbone
     model = load_backbone(backbone, device=device)
     summary = FeaturizeSummary(model=backbone)
     with recorded_run(db, "featurize", {"backbone": backbone, "device": device, "batch_size": batch_size}) as counts:

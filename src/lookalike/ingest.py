@@ -30,7 +30,7 @@ import httpx
 import sqlalchemy as sa
 from tqdm import tqdm
 
-from .db import Database, image_sources, images, now, to_json
+from .db import Database, image_sources, images, now, recorded_run, to_json
 from .errors import BadInput
 from .images import ImageError, probe
 from .net import DEFAULT_CONCURRENCY, FetchError, FetchLimits, fetch, fs_bytes, fs_str, make_client, read_file
@@ -40,6 +40,8 @@ MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 MAX_LINE_CHARS = 8192           # a manifest line; bounds every field stored from it
 MANIFEST_SUFFIXES = {".tsv", ".csv", ".txt"}
 URL_COLUMNS = ("url", "path", "source", "uri", "file", "image", "image_url", "imageurl")
+MAX_FOLDER_DEPTH = 32           # folder levels below the root: a link to / stays bounded
+MAX_FOLDER_FILES = 5_000_000
 COMMIT_EVERY = 200   # rows per transaction
 COMMIT_SECONDS = 2.0
 
@@ -109,19 +111,34 @@ def discover(source: str | Path, *, label_column: str | None = None) -> list[Ite
 
 
 def _folder_items(root: bytes) -> list[Item]:
-    # Label = the top-level sub-folder; files directly under root have no label and are skipped.
-    # Anything that is not a folder is an entry: fetch says why a pipe or a symlink loop cannot be read.
+    # Label = the top-level sub-folder; files directly under root have no label (a flat folder),
+    # except manifests lying beside the label folders (the sample set's manifest.tsv).
+    # Linked folders are followed, each real folder once and at most MAX_FOLDER_DEPTH deep, so a link
+    # loop or a link to / ends. Anything that is not a folder is an entry: fetch says why it cannot be read.
     root = os.path.realpath(root)
-    found = []
-    for folder, subfolders, names in os.walk(root):
-        subfolders[:] = [d for d in subfolders if not d.startswith(b".")]
+    found, seen = [], set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
         rel = os.path.relpath(folder, root).split(os.sep.encode())
-        if rel == [b"."]:
+        where = os.stat(folder)
+        if (where.st_dev, where.st_ino) in seen or len(rel) > MAX_FOLDER_DEPTH:
+            subfolders[:] = []
             continue
-        found += [(*rel, name) for name in names if not name.startswith(b".")]
+        seen.add((where.st_dev, where.st_ino))
+        subfolders[:] = [d for d in subfolders if not d.startswith(b".")]
+        names = [n for n in names if not n.startswith(b".")]
+        if rel == [b"."]:
+            manifests = {fs_bytes(s) for s in MANIFEST_SUFFIXES}
+            found += [(name,) for name in names if os.path.splitext(name)[1].lower() not in manifests]
+        else:
+            found += [(*rel, name) for name in names]
+        if len(found) > MAX_FOLDER_FILES:
+            raise LoadError(f"{_text(root)} holds over {MAX_FOLDER_FILES:,} files: load it in parts, or list "
+                            "the images in a manifest")
     if not found:
-        raise LoadError(f"{_text(root)} has no files in label sub-folders (expected {_text(root)}/<label>/<image>)")
-    return [Item(fs_str(os.path.realpath(os.path.join(root, *parts))), _text(parts[0])) for parts in sorted(found)]
+        raise LoadError(f"{_text(root)} has no image files (expected {_text(root)}/<image> or "
+                        f"{_text(root)}/<label>/<image>)")
+    return [Item(fs_str(os.path.realpath(os.path.join(root, *parts))), _text(parts[0]) if len(parts) > 1 else None)
+            for parts in sorted(found)]
 
 
 def read_manifest(path: Path, *, label_column: str | None = None) -> list[Item]:
@@ -162,10 +179,9 @@ def read_manifest(path: Path, *, label_column: str | None = None) -> list[Item]:
             raise LoadError(f"{path.name}: the header (line {first_number}) has no url/path column; "
                             f"expected one of {list(URL_COLUMNS)}")
         wanted = (label_column or "label").lower()
-        if wanted not in lowered:
-            raise LoadError(f"{path.name}: the header (line {first_number}) has no {label_column or 'label'!r} "
-                            "column" + ("" if label_column else "; name it with --label-column"))
-        label_index = lowered.index(wanted)
+        if label_column and wanted not in lowered:
+            raise LoadError(f"{path.name}: the header (line {first_number}) has no {label_column!r} column")
+        label_index = lowered.index(wanted) if wanted in lowered else None   # None: no labels
 
         def entry(number: int, line: str) -> Item:
             row = _csv_line(line, delimiter)
@@ -175,8 +191,8 @@ def read_manifest(path: Path, *, label_column: str | None = None) -> list[Item]:
                 raise _BadLine("empty url/path")
             extra = {_text(header[i]): _text(row[i]) for i in range(len(header))
                      if i not in (url_index, label_index) and row[i] != ""}
-            return Item(_absolute(row[url_index].strip(), base), _text(row[label_index].strip()) or None,
-                        extra or None, line=number)
+            label = None if label_index is None else _text(row[label_index].strip()) or None
+            return Item(_absolute(row[url_index].strip(), base), label, extra or None, line=number)
         items = _entries(path, numbered[1:], entry)
     return _unique(items)
 
@@ -269,52 +285,59 @@ def load_images(db: Database, source: str | Path | Iterable[Item], *, label_colu
     sources that failed to fetch are tried again. Loads into one database may run
     at once: each image and each source is stored once.
     """
-    items = discover(source, label_column=label_column) if isinstance(source, (str, Path)) else _unique(list(source))
     if concurrency < 1:
         raise LoadError("concurrency must be at least 1")
-    summary = LoadSummary()
-    with db.engine.connect() as conn:
-        done = set(conn.execute(sa.select(image_sources.c.source).where(image_sources.c.status == "ok")).scalars())
-    todo = [item for item in items if item.key not in done]
-    summary.skipped = len(items) - len(todo)
-    if progress is None:
-        progress = sys.stderr.isatty()
+    named = isinstance(source, (str, Path))
+    # A source that cannot be loaded at all is refused before anything, the run row too, is written.
+    items = discover(source, label_column=label_column) if named else _unique(list(source))
+    params = {"source": _text(str(source)) if named else "(items)", "label_column": label_column,
+              "concurrency": concurrency}
+    with recorded_run(db, "load", params) as counts:
+        summary = LoadSummary()
+        with db.engine.connect() as conn:
+            done = set(conn.execute(sa.select(image_sources.c.source).where(image_sources.c.status == "ok")).scalars())
+        todo = [item for item in items if item.key not in done]
+        summary.skipped = len(items) - len(todo)
+        if progress is None:
+            progress = sys.stderr.isatty()
 
-    pending_rows: list[_Fetched] = []
-    order = _InputOrder({item.key: i for i, item in enumerate(todo)})
-    last_commit = time.monotonic()
-    bar = tqdm(total=len(todo), unit="img", desc="load", disable=not progress, leave=False)
-    client = make_client(limits, concurrency)
-    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="load")
-    queue = iter(todo)
-    in_flight: set[Future] = set()
-    try:
-        while True:
-            # Bounded window: memory stays flat however long the list is.
-            while len(in_flight) < concurrency * 4:
-                item = next(queue, None)
-                if item is None:
+        pending_rows: list[_Fetched] = []
+        order = _InputOrder({item.key: i for i, item in enumerate(todo)})
+        last_commit = time.monotonic()
+        bar = tqdm(total=len(todo), unit="img", desc="load", disable=not progress, leave=False)
+        client = make_client(limits, concurrency)
+        pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="load")
+        queue = iter(todo)
+        in_flight: set[Future] = set()
+        try:
+            while True:
+                # Bounded window: memory stays flat however long the list is.
+                while len(in_flight) < concurrency * 4:
+                    item = next(queue, None)
+                    if item is None:
+                        break
+                    in_flight.add(pool.submit(_fetch_and_store, item, db, client, limits))
+                if not in_flight:
                     break
-                in_flight.add(pool.submit(_fetch_and_store, item, db, client, limits))
-            if not in_flight:
-                break
-            finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
-            for future in finished:
-                pending_rows.append(future.result())
-                bar.update(1)
-            if len(pending_rows) >= COMMIT_EVERY or time.monotonic() - last_commit > COMMIT_SECONDS:
-                _record(db, pending_rows, summary, order)
-                pending_rows, last_commit = [], time.monotonic()
-        _record(db, pending_rows, summary, order)
-    except KeyboardInterrupt:
-        summary.interrupted = True
-        for future in in_flight:
-            future.cancel()
-        _record(db, pending_rows, summary, order)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        client.close()
-        bar.close()
+                finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    pending_rows.append(future.result())
+                    bar.update(1)
+                if len(pending_rows) >= COMMIT_EVERY or time.monotonic() - last_commit > COMMIT_SECONDS:
+                    _record(db, pending_rows, summary, order)
+                    pending_rows, last_commit = [], time.monotonic()
+            _record(db, pending_rows, summary, order)
+        except KeyboardInterrupt:
+            summary.interrupted = True
+            for future in in_flight:
+                future.cancel()
+            _record(db, pending_rows, summary, order)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            client.close()
+            bar.close()
+        counts.update(loaded=summary.loaded, already_present=summary.already_present, skipped=summary.skipped,
+                      failed=summary.failed_total, interrupted=summary.interrupted)
     return summary
 
 

@@ -1,7 +1,8 @@
 """The whole workflow in one call: load → hash → featurize → dedupe → split → train → evaluate → rank.
 
 Featurize comes before dedupe because the default (verified) dedupe rule checks
-candidate pairs by their embeddings.
+candidate pairs by their embeddings. A collection without labels skips split,
+train and evaluate (and rank, with no query images), and says so.
 
 Each step is the same function the CLI, the PL/Python procedures and the
 notebook call; this only runs them in order and gathers their summaries.
@@ -17,13 +18,14 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from .db import Database, query_images, recorded_run, splits
+from .db import Database, images, is_unique_image, query_images, recorded_run, splits
 from .steps import STEPS, run_params
 
 
 @dataclass
 class PipelineSummary:
     steps: list[tuple[str, float, list[str]]] = field(default_factory=list)  # (step, seconds, lines)
+    skipped: list[tuple[str, str]] = field(default_factory=list)             # (step, why)
     interrupted: bool = False
 
     def lines(self) -> list[str]:
@@ -31,6 +33,7 @@ class PipelineSummary:
         for step, seconds, lines in self.steps:
             out.append(f"[{step}] {seconds:.1f} s")
             out += [f"  {line}" for line in lines]
+        out += [f"[{step}] skipped: {why}" for step, why in self.skipped]
         out.append(f"total {sum(s for _, s, _ in self.steps):.1f} s")
         if self.interrupted:
             out.append("interrupted: finished work is kept; run again to do the rest")
@@ -64,7 +67,12 @@ def run_pipeline(db: Database, source: str | Path | None = None, *, progress: bo
 
     def step(name: str, call):
         started = time.monotonic()
-        result = call()
+        try:
+            result = call()
+        except Exception as exc:   # say what finished before it (the CLI prints the note)
+            failed = f"[{name}] failed after {time.monotonic() - started:.1f} s"
+            exc.add_note("\n".join(summary.lines()[:-1] + [failed]))
+            raise
         summary.steps.append((name, time.monotonic() - started, result.lines()))
         if getattr(result, "interrupted", False):   # Ctrl-C inside a step: keep its work, run nothing after it
             raise _Interrupted
@@ -82,14 +90,22 @@ def run_pipeline(db: Database, source: str | Path | None = None, *, progress: bo
                                                                   "backbone": values["dedupe_backbone"]},
                                                            progress=progress))
             step("dedupe", lambda: dedupe_images(db, **kwargs("dedupe"), progress=progress))
-            step("split", lambda: split_images(db, **kwargs("split")))
-            step("train", lambda: train_classifier(db, **kwargs("train")))
-            step("evaluate", lambda: evaluate_model(db, **kwargs("evaluate")))
+            if has_labels(db):
+                step("split", lambda: split_images(db, **kwargs("split")))
+                step("train", lambda: train_classifier(db, **kwargs("train")))
+                step("evaluate", lambda: evaluate_model(db, **kwargs("evaluate")))
+            else:   # a catalogue without labels: similar, duplicates and export need none of these
+                summary.skipped += [(name, f"no image has a label ({name} needs labels)")
+                                    for name in ("split", "train", "evaluate")]
             default_queries(db)
-            step("rank", lambda: rank_queries(db, **kwargs("rank")))
+            if has_queries(db):
+                step("rank", lambda: rank_queries(db, **kwargs("rank")))
+            else:
+                summary.skipped.append(("rank", "no query images (add some with `lookalike query add`)"))
         except _Interrupted:
             summary.interrupted = True
-        counts.update(steps=[name for name, _, _ in summary.steps], interrupted=summary.interrupted)
+        counts.update(steps=[name for name, _, _ in summary.steps], skipped=[name for name, _ in summary.skipped],
+                      interrupted=summary.interrupted)
     return summary
 
 
@@ -107,12 +123,24 @@ class _Interrupted(Exception):
     pass
 
 
+def has_labels(db: Database) -> bool:
+    """Whether any unique image has a label (split, train and evaluate need them)."""
+    with db.engine.connect() as conn:
+        return conn.execute(sa.select(images.c.id).where(
+            is_unique_image(), images.c.label.is_not(None), images.c.label != "").limit(1)).first() is not None
+
+
+def has_queries(db: Database) -> bool:
+    with db.engine.connect() as conn:
+        return conn.execute(sa.select(query_images.c.id).limit(1)).first() is not None
+
+
 def default_queries(db: Database) -> None:
     """With no queries given, rank the test split (as the original ranked its test images)."""
     from .search import add_queries
+    if has_queries(db):
+        return
     with db.engine.connect() as conn:
-        if conn.execute(sa.select(sa.func.count()).select_from(query_images)).scalar():
-            return
         test_ids = conn.execute(sa.select(splits.c.image_id).where(splits.c.split == "test")
                                 .order_by(splits.c.image_id)).scalars().all()
     if test_ids:

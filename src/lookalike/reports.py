@@ -1,17 +1,26 @@
-"""What the dedupe step found, for people: duplicate groups as a page of thumbnails, unique counts as a plot."""
+"""What the dedupe step found, for people and scripts: duplicate groups as text, JSON, CSV or a page of
+thumbnails (sorted by size or by doubt, a page at a time), unique counts as a plot."""
 
 from __future__ import annotations
 
-import base64
+import csv
 import html
+import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 import sqlalchemy as sa
 
-from .db import Database, group_member_rows, latest_dedupe_run
-from .dedupe import UniqueCounts
+from .db import Database, dedupe_runs, group_member_rows, image_sources, latest_dedupe_run
+from .errors import BadInput
 from .images import ImageError, thumbnail_jpeg
+from .steps import STEPS, default
+
+if TYPE_CHECKING:   # listing groups needs none of dedupe's NumPy/SciPy imports
+    from .dedupe import UniqueCounts
 
 THUMBNAIL_SIZE = 160   # longest side, pixels
 THUMBNAIL_QUALITY = 80
@@ -29,6 +38,15 @@ class Member:
     source: str
     is_keeper: bool
     distance: int            # Hamming distance to the keeper
+    score: float | None = None        # the similarity that decided (verified rule)
+    verified_by: str | None = None    # what put it in the group: embedding | geometry | review
+
+    def as_dict(self, db: Database, sources: dict[int, list[str]]) -> dict:
+        return dict(image_id=self.image_id, is_keeper=self.is_keeper, distance=self.distance, score=self.score,
+                    verified_by=self.verified_by, label=self.label, width=self.width, height=self.height,
+                    byte_size=self.byte_size, format=self.format, sha256=self.sha256,
+                    path=str(db.store.path(self.sha256)), source=self.source,
+                    sources=sources.get(self.image_id, [self.source]))
 
 
 @dataclass(frozen=True)
@@ -45,9 +63,28 @@ class Group:
     def duplicates(self) -> tuple[Member, ...]:
         return self.members[1:]
 
+    @property
+    def doubt(self) -> tuple:
+        """Sort key, most doubtful first: the lowest score a rule gave a member, then the widest distance;
+        a group people confirmed in full comes last."""
+        judged = [m for m in self.duplicates if m.verified_by != "review"]
+        scores = [m.score for m in judged if m.score is not None]
+        return (not judged, min(scores, default=math.inf), -max((m.distance for m in judged), default=0),
+                self.group_id)
 
-def duplicate_groups_report(db: Database, run_id: int | None = None) -> list[Group]:
-    """The groups of a dedupe run (the latest by default), by group id; empty when there is no run."""
+
+SORTS = {"size": lambda g: (-len(g.members), g.group_id), "doubt": lambda g: g.doubt, "id": lambda g: g.group_id}
+
+
+def duplicate_groups_report(db: Database, run_id: int | None = None, *, sort: str = default("duplicates", "sort"),
+                            limit: int | None = default("duplicates", "limit"),
+                            offset: int = default("duplicates", "offset")) -> list[Group]:
+    """A page of the groups of a dedupe run (the latest by default); empty when there is no run.
+
+    ``sort``: ``size`` (largest first), ``doubt`` (lowest score first: :attr:`Group.doubt`) or
+    ``id``; then ``offset`` groups are skipped and at most ``limit`` returned (None: all).
+    """
+    STEPS["duplicates"].param("sort").check(sort)
     with db.engine.connect() as conn:
         if run_id is None:
             run_id = conn.execute(sa.select(latest_dedupe_run())).scalar()
@@ -58,17 +95,69 @@ def duplicate_groups_report(db: Database, run_id: int | None = None) -> list[Gro
     for r in rows:
         groups.setdefault(r.group_id, []).append(Member(
             r.id, r.label, r.width, r.height, r.byte_size, r.format, r.sha256, r.source, bool(r.is_keeper),
-            r.distance))
-    return [Group(run_id, group_id, tuple(members)) for group_id, members in groups.items()]
+            r.distance, r.score, r.verified_by))
+    found = sorted((Group(run_id, group_id, tuple(members)) for group_id, members in groups.items()),
+                   key=SORTS[sort])
+    return found[offset:] if limit is None else found[offset:offset + limit]
 
 
-def _thumbnail_uri(db: Database, sha256: str) -> str | None:
-    """A small JPEG of the stored image as a data: URI, or None when it cannot be read."""
-    try:
-        thumbnail = thumbnail_jpeg(db.store.get(sha256), THUMBNAIL_SIZE, THUMBNAIL_QUALITY)
-    except (FileNotFoundError, ImageError):
-        return None
-    return "data:image/jpeg;base64," + base64.b64encode(thumbnail).decode("ascii")
+def run_groups_total(db: Database, run_id: int | None = None) -> int:
+    """How many groups a dedupe run (the latest by default) has; 0 before any."""
+    with db.engine.connect() as conn:
+        run_id = run_id or conn.execute(sa.select(latest_dedupe_run())).scalar()
+        return conn.execute(sa.select(dedupe_runs.c.groups).where(dedupe_runs.c.id == run_id)).scalar() or 0
+
+
+def _sources(db: Database, groups: list[Group]) -> dict[int, list[str]]:
+    """Every ok source of the groups' images, by image id."""
+    ids = sorted({m.image_id for g in groups for m in g.members})
+    out: dict[int, list[str]] = {}
+    with db.engine.connect() as conn:
+        for start in range(0, len(ids), 500):   # bounded IN lists (SQLite caps bound parameters)
+            for image_id, source in conn.execute(
+                    sa.select(image_sources.c.image_id, image_sources.c.source)
+                    .where(image_sources.c.image_id.in_(ids[start:start + 500]), image_sources.c.status == "ok")
+                    .order_by(image_sources.c.id)):
+                out.setdefault(image_id, []).append(source)
+    return out
+
+
+def groups_json(db: Database, groups: list[Group], *, sort: str, offset: int, total: int) -> dict:
+    """The groups as one JSON object: each with its keeper and members, their store paths and sources."""
+    sources = _sources(db, groups)
+    return {"run_id": groups[0].run_id if groups else None, "groups_total": total, "sort": sort, "offset": offset,
+            "groups": [{"group_id": g.group_id, "size": len(g.members), "keeper": g.keeper.image_id,
+                        "members": [m.as_dict(db, sources) for m in g.members]} for g in groups]}
+
+
+CSV_COLUMNS = ("run_id", "group_id", "size", "image_id", "is_keeper", "distance", "score", "verified_by", "label",
+               "width", "height", "byte_size", "format", "sha256", "path", "source")
+
+
+def groups_csv(db: Database, groups: list[Group]) -> str:
+    """The groups as CSV, one row per member (the keeper first in each group)."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for g in groups:
+        for m in g.members:
+            writer.writerow(dict(m.as_dict(db, {}), run_id=g.run_id, group_id=g.group_id, size=len(g.members)))
+    return out.getvalue()
+
+
+def _thumbnail_file(db: Database, sha256: str, folder: Path) -> str | None:
+    """A small JPEG of the stored image in ``folder`` (written once, named by content); None when unreadable."""
+    path = folder / f"{sha256}.jpg"
+    if not path.exists():
+        try:
+            thumbnail = thumbnail_jpeg(db.store.get(sha256), THUMBNAIL_SIZE, THUMBNAIL_QUALITY)
+        except (FileNotFoundError, ImageError):
+            return None
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".part")
+        partial.write_bytes(thumbnail)
+        partial.replace(path)
+    return f"{quote(folder.name)}/{path.name}"
 
 
 _PAGE_STYLE = """
@@ -86,13 +175,21 @@ figure img { display: block; max-width: 160px; max-height: 160px; margin: 0 auto
 
 
 def write_html(groups: list[Group], path: str | Path, db: Database) -> Path:
-    """Write a page with one section per group: thumbnails, the keeper marked, sizes and distances."""
+    """Write a page with one section per group: thumbnails, the keeper marked, sizes, distances, scores.
+
+    Thumbnails are small JPEG files in a folder beside the page (``<page>_thumbnails/``), linked, not
+    inlined, so the page stays small; they are written once and named by content.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise BadInput(f"{path} is a folder; give the HTML file to write")
+    folder = path.with_name(path.stem + "_thumbnails")
     sections = []
     for group in groups:
         figures = []
         for m in group.members:
-            uri = _thumbnail_uri(db, m.sha256)
-            picture = (f'<img src="{uri}" alt="image {m.image_id}">' if uri
+            uri = _thumbnail_file(db, m.sha256, folder)
+            picture = (f'<img src="{uri}" alt="image {m.image_id}" loading="lazy">' if uri
                        else '<div class="missing">not in the store</div>')
             badge = '<span class="badge">keeper</span> ' if m.is_keeper else ""
             size = f"{m.width}×{m.height}" if m.width and m.height else "size unknown"
@@ -100,7 +197,7 @@ def write_html(groups: list[Group], path: str | Path, db: Database) -> Path:
                 f'<figure class="{"keeper" if m.is_keeper else "duplicate"}" data-image-id="{m.image_id}">'
                 f"{picture}<figcaption>{badge}#{m.image_id} · {html.escape(m.label or '(no label)')}<br>"
                 f"{size} · {m.byte_size:,} bytes · {html.escape(m.format or '?')}<br>"
-                f"distance {m.distance}<br><span class=\"source\">{html.escape(m.source)}</span>"
+                f"distance {m.distance}{_decided(m)}<br><span class=\"source\">{html.escape(m.source)}</span>"
                 f"</figcaption></figure>")
         sections.append(f'<section class="group" id="group-{group.group_id}">'
                         f"<h2>Group {group.group_id} · {len(group.members)} images</h2>"
@@ -111,10 +208,14 @@ def write_html(groups: list[Group], path: str | Path, db: Database) -> Path:
             f"<style>{_PAGE_STYLE}</style></head><body><h1>Duplicate groups</h1>"
             f"<p>{run}: {len(groups)} groups, {duplicates} duplicates; the keeper of each group is "
             f"marked.</p>{''.join(sections)}</body></html>\n")
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
     return path
+
+
+def _decided(m: Member) -> str:
+    score = "" if m.score is None else f" · score {m.score:.3f}"
+    return score + ("" if m.verified_by is None else f" · by {html.escape(m.verified_by)}")
 
 
 def plot_unique_counts(table: UniqueCounts, path: str | Path) -> Path:

@@ -11,6 +11,7 @@ Distances are cosine distances; similarity = 1 − distance.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import asdict, dataclass
@@ -19,18 +20,18 @@ from pathlib import Path
 import numpy as np
 import sqlalchemy as sa
 
-from .backbones import load_backbone
-from .db import (Database, embeddings, images, latest_classifier_scores, now, query_images, ranking_results,
+from .db import (Database, images, latest_classifier_scores, non_keepers, now, query_images, ranking_results,
                  recorded_run, scores, vector_from_bytes)
 from .errors import BadInput, NotFound, Precondition
-from .features import DEFAULT_BACKBONE, latest_feature_model, load_embeddings
-from .images import QUERY_MAX_PIXELS, open_image
+from .features import DEFAULT_BACKBONE, latest_feature_model
+from .index import IndexUnavailable, generation, open_index
 from .net import FetchError, FetchLimits, fetch_one
 from .steps import check, default
 from .store import sha256_hex
 from .vectors import build_index
 
 SPACES = ("embeddings", "scores")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,57 +48,84 @@ class Match:
 
 
 class Collection:
-    """The stored vectors of one space, with their labels and a search index; built once, reused."""
+    """What one space offers to search: the persistent index (embeddings) or the class scores in memory.
+
+    Labels and sources are read from the database for the results only, never for the whole collection.
+    """
 
     def __init__(self, db: Database, space: str = "embeddings", backbone: str = DEFAULT_BACKBONE,
                  index: str = "auto"):
         if space not in SPACES:
             raise BadInput(f"space must be one of {SPACES}, not {space!r}")
-        self.space, self.backbone = space, backbone
+        self.db, self.space, self.backbone = db, space, backbone
         with db.engine.connect() as conn:
             self.feature_model_id = latest_feature_model(conn, backbone)
-            if space == "embeddings":
-                self.classifier_id = None
-                ids, matrix = load_embeddings(conn, self.feature_model_id)
-            else:
+            self.classifier_id = None
+            if space == "scores":
                 self.classifier_id, ids, matrix = _load_scores(conn, self.feature_model_id)
             self.version = _version(conn, space, self.feature_model_id, self.classifier_id)
-            meta = {row.id: row for row in conn.execute(
-                sa.select(images.c.id, images.c.label, images.c.source, images.c.sha256)
-                .where(images.c.id.in_(sa.select(embeddings.c.image_id)
-                                       .where(embeddings.c.model_id == self.feature_model_id))))}
-        if len(ids) == 0:
+        if space == "embeddings":
+            try:
+                self.index = open_index(db, self.feature_model_id, index)
+            except IndexUnavailable as exc:   # a read-only folder: this process indexes in a private one
+                log.warning("%s; indexing in a temporary folder instead", exc)
+                self.index = open_index(db, self.feature_model_id, index, private=True)
+        else:
+            self.index = build_index(ids, _unit(matrix), kind="exact")   # a few class columns: exact is instant
+        if len(self.index) == 0:
             needs = "featurize and train" if space == "scores" else "featurize"
             raise Precondition(f"no stored {space} to search: run {needs}")
-        self.ids = ids
-        self.meta = meta
-        self.sha_to_id = {row.sha256: image_id for image_id, row in meta.items()}
-        self.vectors = _unit(matrix)
-        self.index = build_index(ids, self.vectors, kind=index)
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.index.ids
+
+    def has(self, image_id: int) -> bool:
+        return bool(self.index.rows_of([image_id])[0] >= 0)
+
+    def labels(self, image_ids) -> dict[int, tuple[str | None, str]]:
+        """(label, source) of each stored image among ``image_ids``."""
+        wanted = [int(i) for i in image_ids]
+        with self.db.engine.connect() as conn:
+            return {row.id: (row.label, row.source) for row in conn.execute(
+                sa.select(images.c.id, images.c.label, images.c.source).where(images.c.id.in_(wanted)))}
 
     def search(self, vector: np.ndarray, k: int, exclude: set[int] = frozenset(),
-               label: str | None = None) -> list[Match]:
-        """The k nearest stored images; with ``label``, the k nearest of that label (still k when there are)."""
+               label: str | None = None, exclude_duplicates: bool = False) -> list[Match]:
+        """The k nearest stored images; with ``label``, the k nearest of that label (still k when there are);
+        ``exclude_duplicates``: none of the latest dedupe run's non-keepers (still k)."""
+        if exclude_duplicates:
+            with self.db.engine.connect() as conn:
+                exclude = set(exclude) | set(conn.execute(non_keepers()).scalars())
         allowed = None
         if label is not None:
-            allowed = [image_id for image_id, row in self.meta.items() if row.label == label]
-            if not allowed:
+            with self.db.engine.connect() as conn:
+                allowed = np.array(conn.execute(sa.select(images.c.id).where(images.c.label == label)).scalars()
+                                   .all(), dtype=np.int64)
+            allowed = allowed[self.index.rows_of(allowed) >= 0]
+            if not len(allowed):
                 raise NotFound(f"no searchable image has label {label!r}")
-        found_ids, distances = self.index.search(_unit(vector.reshape(1, -1)), k, exclude=[exclude], allowed=allowed)
+        if self.space == "embeddings":
+            found_ids, distances = self.index.search(vector, k, exclude=exclude, allowed=allowed)
+        else:
+            found, dists = self.index.search(_unit(vector.reshape(1, -1)), k, exclude=[exclude], allowed=allowed)
+            found_ids, distances = found[0][found[0] >= 0], dists[0][found[0] >= 0]
+        rows = self.labels(found_ids)
         out = []
-        for rank, (image_id, distance) in enumerate(zip(found_ids[0], distances[0]), start=1):
-            if image_id < 0:
-                break
-            row = self.meta.get(int(image_id))
-            out.append(Match(rank, int(image_id), row.label if row else None, float(distance),
-                             float(1.0 - distance), row.source if row else ""))
+        for rank, (image_id, distance) in enumerate(zip(found_ids.tolist(), distances.tolist()), start=1):
+            label_of, source = rows.get(image_id, (None, ""))
+            out.append(Match(rank, image_id, label_of, float(distance), float(1.0 - distance), source))
         return out
 
     def stored_vector(self, image_id: int) -> np.ndarray:
-        where = np.flatnonzero(self.ids == image_id)
-        if len(where) == 0:
+        if self.space == "embeddings":
+            vector = self.index.vector(image_id)
+        else:
+            row = self.index.rows_of([image_id])[0]   # ExactIndex
+            vector = None if row < 0 else self.index.vectors[row]
+        if vector is None:
             raise NotFound(f"image {image_id} has no stored {self.space} vector")
-        return self.vectors[where[0]]
+        return vector
 
 
 _cache: dict[tuple, Collection] = {}
@@ -106,9 +134,10 @@ _cache_lock = threading.Lock()
 
 def collection(db: Database, space: str = "embeddings", backbone: str = DEFAULT_BACKBONE,
                index: str = "auto") -> Collection:
-    """A cached :class:`Collection`, rebuilt only when the stored vectors changed.
+    """A cached :class:`Collection`, opened again only when the stored vectors changed.
 
-    ``index``: "exact", "ivf" (FAISS, approximate) or "auto" (IVF from 200,000 vectors).
+    ``index``: "exact", "ivf" (FAISS, approximate) or "auto" (IVF from 200,000 vectors). For the
+    embeddings the check is one row (the generation counter) and the index catches up incrementally.
     """
     key = (db.masked_url, str(db.store.root), space, backbone, index)
     with _cache_lock:
@@ -123,12 +152,10 @@ def collection(db: Database, space: str = "embeddings", backbone: str = DEFAULT_
 
 
 def _version(conn, space: str, feature_model_id: int, classifier_id: int | None) -> tuple:
-    if space == "embeddings":
-        table, model_id, model_col = embeddings, feature_model_id, embeddings.c.model_id
-    else:
-        table, model_id, model_col = scores, classifier_id, scores.c.model_id
-    count, top = conn.execute(sa.select(sa.func.count(), sa.func.max(table.c.image_id))
-                              .where(model_col == model_id)).one()
+    if space == "embeddings":   # O(1): the counter the triggers on embeddings bump
+        return (space, feature_model_id, generation(conn, feature_model_id)[0])
+    count, top = conn.execute(sa.select(sa.func.count(), sa.func.max(scores.c.image_id))
+                              .where(scores.c.model_id == classifier_id)).one()
     return (space, feature_model_id, classifier_id, count, top)
 
 
@@ -149,10 +176,11 @@ def _unit(matrix: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- one query
 
-def query_bytes(query: str | Path | bytes, limits: FetchLimits, *, allow_private: bool = True) -> bytes:
+def query_bytes(query: str | Path | bytes, limits: FetchLimits | None = None, *, allow_private: bool = True) -> bytes:
     """The bytes of a query image given as bytes, a path or a URL (through :func:`lookalike.net.fetch_one`)."""
     if isinstance(query, bytes):
         return query
+    limits = limits or FetchLimits()
     try:
         # abspath, not resolve: no file-system call, so a name the locale cannot encode still reaches fetch
         return fetch_one(os.path.abspath(os.path.expanduser(query)) if "://" not in str(query) else str(query),
@@ -163,9 +191,12 @@ def query_bytes(query: str | Path | bytes, limits: FetchLimits, *, allow_private
 
 def query_vector(db: Database, coll: Collection, data: bytes) -> tuple[np.ndarray, int | None]:
     """The query's vector in ``coll``'s space, and its stored id if these bytes are in the collection."""
-    stored_id = coll.sha_to_id.get(sha256_hex(data))
-    if stored_id is not None:
+    with db.engine.connect() as conn:
+        stored_id = conn.execute(sa.select(images.c.id).where(images.c.sha256 == sha256_hex(data))).scalar()
+    if stored_id is not None and coll.has(stored_id):
         return coll.stored_vector(stored_id), stored_id
+    from .backbones import load_backbone   # lazy: torch only for a query that is not stored
+    from .images import QUERY_MAX_PIXELS, open_image
     # Within the query budget: a query is anyone's upload. ImageError says why it can't be used.
     embedding = load_backbone(coll.backbone).embed([open_image(data, max_pixels=QUERY_MAX_PIXELS)])
     if coll.space == "embeddings":
@@ -177,11 +208,13 @@ def query_vector(db: Database, coll: Collection, data: bytes) -> tuple[np.ndarra
 
 def similar_images(db: Database, query: int | str | Path | bytes, *, k: int = default("similar", "k"),
                    space: str = default("similar", "space"), backbone: str = DEFAULT_BACKBONE,
-                   limits: FetchLimits = FetchLimits(), index: str = default("similar", "index"),
-                   label: str | None = None, allow_private: bool = True) -> list[Match]:
+                   limits: FetchLimits | None = None, index: str = default("similar", "index"),
+                   label: str | None = None, exclude_duplicates: bool = default("similar", "exclude_duplicates"),
+                   allow_private: bool = True) -> list[Match]:
     """The ``k`` stored images most similar to ``query`` (an image id, a path, a URL or bytes), best first.
 
-    ``label`` keeps only images with that label (``k`` of them when there are).
+    ``label`` keeps only images with that label (``k`` of them when there are); ``exclude_duplicates``
+    hides the non-keepers of the latest dedupe run (still ``k``).
     ``allow_private=False`` refuses URLs to loopback and private addresses (a server's callers).
 
     The query itself is never among the results when it is a stored image.
@@ -193,14 +226,16 @@ def similar_images(db: Database, query: int | str | Path | bytes, *, k: int = de
     coll = collection(db, space, backbone, index)
     if by_id:
         image_id = int(query)
-        return coll.search(coll.stored_vector(image_id), k, exclude={image_id}, label=label)
+        return coll.search(coll.stored_vector(image_id), k, exclude={image_id}, label=label,
+                           exclude_duplicates=exclude_duplicates)
     vector, stored_id = query_vector(db, coll, data)
-    return coll.search(vector, k, exclude={stored_id} if stored_id is not None else set(), label=label)
+    return coll.search(vector, k, exclude={stored_id} if stored_id is not None else set(), label=label,
+                       exclude_duplicates=exclude_duplicates)
 
 
 # ---------------------------------------------------------------- batch: query_images -> ranking_results
 
-def add_queries(db: Database, queries: list[str], *, limits: FetchLimits = FetchLimits()) -> list[int]:
+def add_queries(db: Database, queries: list[str], *, limits: FetchLimits | None = None) -> list[int]:
     """Put images (ids, paths or URLs) into ``query_images``; returns their query ids.
 
     The bytes go to the image store, so ranking never fetches again.
@@ -215,6 +250,7 @@ def add_queries(db: Database, queries: list[str], *, limits: FetchLimits = Fetch
             source, sha, image_id = f"image:{row.id}", row.sha256, row.id
         else:
             data = query_bytes(query, limits)
+            from .images import open_image   # lazy, like the decoder itself: a by-id search needs neither
             open_image(data)  # refuse what cannot be decoded now, not at rank time
             sha = db.store.put(data)
             source = str(query)
@@ -250,7 +286,7 @@ def rank_queries(db: Database, *, top: int = default("rank", "top"), space: str 
                                    .order_by(query_images.c.id)).all()
         rows = []
         for query_id, sha, image_id in queries:
-            if image_id is not None and image_id in coll.meta:
+            if image_id is not None and coll.has(image_id):
                 vector, stored_id = coll.stored_vector(image_id), image_id
             else:
                 vector, stored_id = query_vector(db, coll, db.store.get(sha))

@@ -108,10 +108,13 @@ DEDUPE_BACKBONE = replace(BACKBONE, flag="--dedupe-backbone", run="dedupe_backbo
 LOW_DETAIL = Param("include_low_detail", bool, False,
                    "exact and near rules: let flat images join groups (the verified rule always checks them)")
 CONCURRENCY = Param("concurrency", int, 8, "transfers at once", bounds=(1, 1024))
+INDEX_KIND = Param("index", str, "auto", "vector search: exact (NumPy), ivf (FAISS, approximate), auto: ivf from "
+                   "200,000 vectors", choices=("auto", "exact", "ivf"))
+ID_MAX = 2**63 - 1   # ids are signed 64-bit integers in every database we run on
 
 STEPS: dict[str, Step] = {step.name: step for step in [
     Step("samples", "samples.render_samples", "render the sample texture set into DIR", (
-        Param("out_dir", Path, metavar="DIR"),
+        Param("out_dir", Path, help="folder to render the images, manifest and ground truth into", metavar="DIR"),
         Param("per_label", int, 100, "images per label", bounds=(1, 100_000)),
         replace(SEED, help="random seed of the rendering"),
         Param("copy_share", float, 0.10, "share of planted near-copies", bounds=(0, 1)))),
@@ -130,6 +133,13 @@ STEPS: dict[str, Step] = {step.name: step for step in [
         RULE, HASH_KIND, HASH_SIZE, MAX_DISTANCE, DEDUPE_BACKBONE,
         Param("per_label", bool, False, "group only images with the same label", run="dedupe_per_label"),
         LOW_DETAIL)),
+    Step("duplicates", "reports.duplicate_groups_report", "list the groups of the latest dedupe run (review them "
+         "with `duplicates review`)", (
+        Param("run_id", int, None, "dedupe run id (default: the latest)", bounds=(1, ID_MAX), flag="--run"),
+        Param("sort", str, "size", "size: largest groups first; doubt: lowest score first; id",
+              choices=("size", "doubt", "id")),
+        Param("limit", int, None, "at most this many groups (default: all)", bounds=(1, 1_000_000)),
+        Param("offset", int, 0, "skip this many groups first", bounds=(0, ID_MAX)))),
     Step("uniques", "dedupe.unique_counts", "unique images per label at each dHash size 8..1", (
         replace(LOW_DETAIL, help="count flat images as the exact rule groups them"),)),
     Step("is-duplicate", "dedupe.is_duplicate", "is a new image a copy of a stored one?", (
@@ -154,13 +164,18 @@ STEPS: dict[str, Step] = {step.name: step for step in [
         Param("query", str, help="a stored image id, a path or a URL", metavar="image"),
         Param("k", int, 10, "how many similar images", bounds=(1, 1000), flag="--top"),
         SPACE, BACKBONE,
-        Param("index", str, "auto", "vector search: exact (NumPy), ivf (FAISS, approximate), auto: ivf from "
-              "200,000 vectors", choices=("auto", "exact", "ivf")),
-        Param("label", str, None, "only images with this label (still --top of them)"))),
-    Step("export", "export.export_images", "write the unique images as Train/<label>/, Test/<label>/ with a "
-         "manifest", (
+        INDEX_KIND,
+        Param("label", str, None, "only images with this label (still --top of them)"),
+        Param("exclude_duplicates", bool, False, "hide the images the latest dedupe run found to be copies "
+              "(as the unique_images view does; still --top of them)"))),
+    Step("export", "export.export_images", "write the unique images, flat, by label or as Train/<label>/ and "
+         "Test/<label>/, with a manifest", (
         Param("dest", str, help="a folder, or az://container/prefix (Azure Blob Storage)"),
-        Param("name_by", str, "sha256", "file names", choices=("sha256", "dhash")),
+        Param("layout", str, None, "flat: one folder; by-label: <label>/ (unlabelled images left out); "
+              "train-test: Train/<label>/ and Test/<label>/ of the split (default: train-test when a split "
+              "exists, else by-label when labels exist, else flat)", choices=("flat", "by-label", "train-test")),
+        Param("name_by", str, "sha256", "file names: the content hash, the dHash, or the source's own file name "
+              "(sha256 where two would share one)", choices=("sha256", "dhash", "source")),
         Param("dry_run", bool, False, "list what would be written, write nothing"),
         CONCURRENCY,
         Param("create_container", bool, False, "create the blob container if missing"),
@@ -168,6 +183,30 @@ STEPS: dict[str, Step] = {step.name: step for step in [
               "environment variable holding the storage connection string"),
         Param("force", bool, False, "overwrite a manifest.csv or transferimages.txt that lookalike did not "
               "write"))),
+]}
+
+# `lookalike duplicates ACTION`: reviewing the latest run's groups (the web page's buttons call the same).
+IMAGE = Param("image", int, None, bounds=(1, ID_MAX), metavar="IMAGE")
+REVIEW_ACTIONS: dict[str, Step] = {step.name: step for step in [
+    Step("review", "review.review_group", "record a decision on a group of the latest run; later dedupe runs "
+         "honour it", (
+        Param("group_id", int, help="the group's id", bounds=(1, ID_MAX), metavar="GROUP"),
+        replace(IMAGE, name="not_duplicate", help="this image of the group is not a copy of the others"),
+        replace(IMAGE, name="keep", help="keep this image of the group (it becomes the keeper)"),
+        Param("confirm", bool, False, "the group is right: keep it together in later runs"),
+        Param("by", str, None, "who decides (default: your login name)"),
+        Param("note", str, None, "a note kept with the decision"))),
+    Step("removable", "review.removable_images", "the non-keepers of the latest run, decisions applied: their "
+         "store paths and sources, for a script (lookalike deletes nothing)", ()),
+    Step("decisions", "review.list_decisions", "every review decision, with who and when", ()),
+]}
+
+# `lookalike index ACTION`: the persistent vector index beside the image store (lookalike.index).
+INDEX_ACTIONS: dict[str, Step] = {step.name: step for step in [
+    Step("status", "index.index_status", "size, generation, fresh or stale, and IVF recall@10 on a sample", (
+        BACKBONE,)),
+    Step("rebuild", "index.rebuild_index", "rebuild the index from the database's embeddings", (
+        BACKBONE, INDEX_KIND)),
 ]}
 
 # `lookalike run`: these steps in this order (featurize before dedupe: the verified rule compares

@@ -44,6 +44,7 @@ with warnings.catch_warnings():
 
 METRICS = ("cosine", "l2")
 KINDS = ("auto", "exact", "ivf")
+IVF_THRESHOLD = 200_000   # kind="auto": an IVF index from this many vectors
 
 # Queries are scored in blocks so that one block's distance matrix stays near
 # 128 MB whatever the collection size.
@@ -324,6 +325,32 @@ def default_nlist(n: int) -> int:
     return max(1, min(nlist, n // 39))
 
 
+def default_nprobe(nlist: int) -> int:
+    """Lists a query probes: about 3% of them, at least 8 (recall@10 0.96 at 1M, bench/bench_search.py)."""
+    return max(8, nlist // 32)
+
+
+def ivf_sample(n: int, nlist: int, train_size: int | None = None, seed: int = 0) -> np.ndarray:
+    """Sorted rows (of n) that train an IVF index of ``nlist`` lists: ``train_size`` or 40 per list."""
+    return np.sort(np.random.default_rng(seed).choice(n, min(n, train_size or 40 * nlist), replace=False))
+
+
+def train_ivf(sample: np.ndarray, n: int, *, nlist: int | None = None, pca_dim: int = 256,
+              seed: int = 0) -> faiss.Index:
+    """An empty, trained faiss ``PCA → IVF → SQ8`` index for ``n`` cosine vectors, trained on unit ``sample`` rows."""
+    if n < 1000:
+        raise BadInput(f"an IVF index needs at least 1000 vectors to train, got {n}")
+    dim = sample.shape[1]
+    nlist = nlist or default_nlist(n)
+    recipe = f"IVF{nlist},SQ8" if pca_dim >= dim else f"PCA{pca_dim},IVF{nlist},SQ8"
+    index = faiss.index_factory(dim, recipe, faiss.METRIC_L2)
+    ivf = faiss.extract_index_ivf(index)
+    ivf.cp.seed = seed
+    ivf.cp.max_points_per_centroid = max(256, -(-len(sample) // nlist))  # no resampling
+    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    return index
+
+
 class IVFIndex:
     """Approximate search: faiss ``PCA → IVF → SQ8`` shortlist, re-ranked exactly.
 
@@ -379,19 +406,11 @@ class IVFIndex:
         """
         if exact.metric != "cosine":
             raise BadInput("an IVF index supports metric='cosine' only")
-        n, dim = len(exact), exact.dim
-        if n < 1000:
-            raise BadInput(f"an IVF index needs at least 1000 vectors to train, got {n}")
+        n = len(exact)
         nlist = nlist or default_nlist(n)
-        recipe = f"IVF{nlist},SQ8" if pca_dim >= dim else f"PCA{pca_dim},IVF{nlist},SQ8"
-        index = faiss.index_factory(dim, recipe, faiss.METRIC_L2)
-        ivf = faiss.extract_index_ivf(index)
-        train_size = min(n, train_size or 40 * nlist)
-        ivf.cp.seed = seed
-        ivf.cp.max_points_per_centroid = max(256, -(-train_size // nlist))  # no resampling
-        sample = np.sort(np.random.default_rng(seed).choice(n, train_size, replace=False))
-        index.train(exact.vectors[sample])
-        built = cls(exact, index, nprobe=nprobe or max(8, nlist // 32), shortlist=shortlist)
+        sample = ivf_sample(n, nlist, train_size, seed)
+        index = train_ivf(exact.vectors[sample], n, nlist=nlist, pca_dim=pca_dim, seed=seed)
+        built = cls(exact, index, nprobe=nprobe or default_nprobe(nlist), shortlist=shortlist)
         built._add_to_faiss(0, n)
         return built
 
@@ -532,7 +551,7 @@ def _ids_digest(ids: np.ndarray) -> str:
     return hashlib.sha256(np.sort(ids).astype("<i8").tobytes()).hexdigest()
 
 
-def build_index(ids: np.ndarray, vectors: np.ndarray, *, kind: str = "auto", threshold: int = 200_000,
+def build_index(ids: np.ndarray, vectors: np.ndarray, *, kind: str = "auto", threshold: int = IVF_THRESHOLD,
                 metric: str = "cosine", seed: int = 0) -> VectorIndex:
     """Index ``vectors`` (n, dim) under ``ids``.
 

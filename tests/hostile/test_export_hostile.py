@@ -247,7 +247,7 @@ def test_a_manifest_lookalike_did_not_write_needs_force(small, tmp_path):
 
     done = subprocess.run(command + ["--force"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert (dest / CSV_MANIFEST).read_text().startswith("image_id,label,split,path,sha256,byte_size\n")
+    assert (dest / CSV_MANIFEST).read_text().startswith("image_id,label,split,path,sha256,byte_size,source\n")
 
     # Its own manifest lookalike rewrites without --force when the export changes.
     split_images(small, test_ratio=0.25, seed=9)

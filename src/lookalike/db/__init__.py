@@ -15,8 +15,8 @@ from .migrations import MIGRATIONS, SCHEMA_VERSION, Migration
 from .queries import (dedupe_run_rows, duplicates_by_label, embedding_counts, group_member_rows, is_unique_image,
                       latest_classifier_scores, latest_dedupe_run, latest_evaluation, non_keepers, unique_image_ids)
 from .records import committed_since, now, recorded_run, to_json, vector_bytes, vector_from_bytes
-from .schema import (PG_SCHEMA, dedupe_runs, duplicate_groups, embeddings, evaluation_pairs, evaluation_results,
-                     evaluations, feature_models, hashed_images, image_hashes, image_sources, images, metadata,
+from .schema import (PG_SCHEMA, dedupe_runs, duplicate_decisions, duplicate_groups, embeddings, evaluation_pairs,
+                     evaluation_results, evaluations, feature_models, hashed_images, image_hashes, image_sources, images, metadata,
                      models, query_images, ranking_results, runs, scores, settings, splits)
 from .views import VIEWS, ensure_views, hamming_sql, image_dhash, register_sqlite_functions, unique_images
 
@@ -26,8 +26,8 @@ __all__ = [
     "dedupe_run_rows", "duplicates_by_label", "embedding_counts", "group_member_rows", "is_unique_image",
     "latest_classifier_scores", "latest_dedupe_run", "latest_evaluation", "non_keepers", "unique_image_ids",
     "committed_since", "now", "recorded_run", "to_json", "vector_bytes", "vector_from_bytes",
-    "PG_SCHEMA", "dedupe_runs", "duplicate_groups", "embeddings", "evaluation_pairs", "evaluation_results",
-    "evaluations", "feature_models", "hashed_images", "image_hashes", "image_sources", "images", "metadata",
+    "PG_SCHEMA", "dedupe_runs", "duplicate_decisions", "duplicate_groups", "embeddings", "evaluation_pairs",
+    "evaluation_results", "evaluations", "feature_models", "hashed_images", "image_hashes", "image_sources", "images", "metadata",
     "models", "query_images", "ranking_results", "runs", "scores", "settings", "splits",
     "VIEWS", "ensure_views", "hamming_sql", "image_dhash", "register_sqlite_functions", "unique_images",
 ]

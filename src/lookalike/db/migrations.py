@@ -17,7 +17,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ..config import ConfigError
-from .schema import settings
+from .schema import (create_generation_triggers, duplicate_decisions, embedding_changes, embedding_generations,
+                     settings)
 
 
 @dataclass(frozen=True)
@@ -40,11 +41,24 @@ def add_column(table: str, column: str, sql_type: str) -> Callable[[Connection],
     return step
 
 
+def index_generations(conn: Connection) -> None:
+    """The vector index's generation counter and change log, and the triggers on embeddings that write them."""
+    embedding_generations.create(conn, checkfirst=True)
+    embedding_changes.create(conn, checkfirst=True)
+    create_generation_triggers(conn)
+
+
 MIGRATIONS: dict[int, Migration] = {m.version: m for m in [
     Migration(2, "verified dedupe rule: a run's thresholds, a member's score and the check that decided", (
         add_column("dedupe_runs", "params", "TEXT"),
         add_column("duplicate_groups", "score", "FLOAT"),
         add_column("duplicate_groups", "verified_by", "VARCHAR(16)"),
+    )),
+    Migration(3, "vector index: a generation counter per feature model, bumped by triggers on embeddings", (
+        index_generations,
+    )),
+    Migration(4, "duplicate review: people's decisions on groups, which later dedupe runs honour", (
+        lambda conn: duplicate_decisions.create(conn, checkfirst=True),
     )),
 ]}
 SCHEMA_VERSION = max(MIGRATIONS)

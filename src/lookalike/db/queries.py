@@ -57,7 +57,7 @@ def group_member_rows(conn: Connection, run_id: int) -> list[Row]:
     """The members of a dedupe run's groups with their images' columns: by group, keeper first, then by distance."""
     return conn.execute(
         sa.select(duplicate_groups.c.group_id, duplicate_groups.c.is_keeper, duplicate_groups.c.distance,
-                  images.c.id, images.c.label, images.c.width, images.c.height, images.c.byte_size,
+                  duplicate_groups.c.score, duplicate_groups.c.verified_by, images.c.id, images.c.label, images.c.width, images.c.height, images.c.byte_size,
                   images.c.format, images.c.sha256, images.c.source)
         .join(images, images.c.id == duplicate_groups.c.image_id)
         .where(duplicate_groups.c.run_id == run_id)

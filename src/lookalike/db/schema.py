@@ -104,6 +104,24 @@ duplicate_groups = sa.Table(
 )
 sa.Index("duplicate_groups_group", duplicate_groups.c.run_id, duplicate_groups.c.group_id)
 
+# People's review of duplicate groups, which every later dedupe run honours: a pair that is not a
+# duplicate (never in one group), a pair confirmed (kept in one group), an image to keep (its group's
+# keeper). The latest decision on a pair, or on an image to keep, is the one in force.
+duplicate_decisions = sa.Table(
+    "duplicate_decisions", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("decision", sa.String(16), nullable=False),  # not_duplicate | keep_this | confirmed
+    sa.Column("image_id", sa.Integer, sa.ForeignKey("images.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("other_id", sa.Integer, sa.ForeignKey("images.id", ondelete="CASCADE")),  # the pair's other; keep_this: NULL
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("dedupe_runs.id", ondelete="SET NULL")),  # the run reviewed
+    sa.Column("group_id", sa.Integer),                    # the group reviewed, in that run
+    sa.Column("decided_by", sa.Text, nullable=False),
+    sa.Column("decided_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("note", sa.Text),
+    sa.CheckConstraint("decision IN ('not_duplicate', 'keep_this', 'confirmed')", name="duplicate_decisions_decision"),
+)
+sa.Index("duplicate_decisions_image", duplicate_decisions.c.image_id)
+
 # ---- featurize step: the backbone is a first-class row; embeddings keyed by (image, model).
 feature_models = sa.Table(
     "feature_models", metadata,
@@ -123,6 +141,74 @@ embeddings = sa.Table(
     sa.Column("vector", sa.LargeBinary, nullable=False),  # float32, little-endian, unit length
 )
 sa.Index("embeddings_by_model", embeddings.c.model_id, embeddings.c.image_id)
+
+# ---- the vector index's freshness (lookalike.index): per feature model, a generation counter and a
+# log of the image ids whose embedding changed at each generation. Triggers on embeddings write both in
+# the writer's own transaction, so every writer (featurize, a cascade, raw SQL) is seen.
+embedding_generations = sa.Table(
+    "embedding_generations", metadata,
+    sa.Column("model_id", sa.Integer, primary_key=True),
+    sa.Column("generation", sa.BigInteger, nullable=False),
+    sa.Column("pruned", sa.BigInteger, nullable=False),   # log rows up to this generation may be deleted
+)
+embedding_changes = sa.Table(
+    "embedding_changes", metadata,
+    sa.Column("model_id", sa.Integer, primary_key=True),
+    sa.Column("generation", sa.BigInteger, primary_key=True),
+    sa.Column("image_id", sa.Integer, primary_key=True),
+)
+
+# SQLite: row triggers. {row} is NEW or OLD.
+_SQLITE_BUMP = """
+  INSERT INTO embedding_generations (model_id, generation, pruned) VALUES ({row}.model_id, 1, 0)
+    ON CONFLICT (model_id) DO UPDATE SET generation = generation + 1;
+  INSERT OR IGNORE INTO embedding_changes (model_id, generation, image_id)
+    SELECT {row}.model_id, generation, {row}.image_id FROM embedding_generations WHERE model_id = {row}.model_id;"""
+_SQLITE_TRIGGERS = {"INSERT": ("NEW",), "DELETE": ("OLD",), "UPDATE": ("OLD", "NEW")}
+
+# PostgreSQL: statement triggers over transition tables (one bump per statement), names qualified so
+# that a writer with another search_path is counted too. {rows} is new_rows or old_rows.
+_PG_BUMP = f"""
+    WITH bumped AS (
+      INSERT INTO {PG_SCHEMA}.embedding_generations AS g (model_id, generation, pruned)
+      SELECT DISTINCT model_id, 1, 0 FROM {{rows}}
+      ON CONFLICT (model_id) DO UPDATE SET generation = g.generation + 1
+      RETURNING g.model_id, g.generation)
+    INSERT INTO {PG_SCHEMA}.embedding_changes (model_id, generation, image_id)
+    SELECT r.model_id, b.generation, r.image_id FROM {{rows}} r JOIN bumped b ON b.model_id = r.model_id
+    ON CONFLICT DO NOTHING;"""
+_PG_FUNCTION = f"""
+CREATE OR REPLACE FUNCTION {PG_SCHEMA}.embeddings_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF TG_OP <> 'INSERT' THEN{_PG_BUMP.format(rows="old_rows")}
+  END IF;
+  IF TG_OP <> 'DELETE' THEN{_PG_BUMP.format(rows="new_rows")}
+  END IF;
+  RETURN NULL;
+END $$"""
+_PG_TRIGGERS = {"INSERT": "NEW TABLE AS new_rows", "DELETE": "OLD TABLE AS old_rows",
+                "UPDATE": "OLD TABLE AS old_rows NEW TABLE AS new_rows"}
+
+
+def create_generation_triggers(conn) -> None:
+    """The triggers that bump ``embedding_generations`` and log ``embedding_changes`` (idempotent)."""
+    if conn.dialect.name == "sqlite":
+        for event, rows in _SQLITE_TRIGGERS.items():
+            body = "".join(_SQLITE_BUMP.format(row=row) for row in rows)
+            conn.exec_driver_sql(f"CREATE TRIGGER IF NOT EXISTS embeddings_generation_{event.lower()} "
+                                 f"AFTER {event} ON embeddings BEGIN{body}\nEND")
+        return
+    conn.exec_driver_sql(_PG_FUNCTION)
+    for event, referencing in _PG_TRIGGERS.items():
+        name = f"embeddings_generation_{event.lower()}"
+        conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {name} ON {PG_SCHEMA}.embeddings")
+        conn.exec_driver_sql(f"CREATE TRIGGER {name} AFTER {event} ON {PG_SCHEMA}.embeddings "
+                             f"REFERENCING {referencing} FOR EACH STATEMENT "
+                             f"EXECUTE FUNCTION {PG_SCHEMA}.embeddings_changed()")
+
+
+# A new database gets them with its embeddings table; an older one through its migration.
+sa.event.listen(embeddings, "after_create", lambda _table, conn, **_kw: create_generation_triggers(conn))
 
 # ---- split step: a stored random number per image, so another ratio re-cuts without new randomness.
 splits = sa.Table(

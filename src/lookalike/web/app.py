@@ -38,6 +38,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
+from urllib.parse import urlencode, urlsplit
 
 import numpy as np
 import sqlalchemy as sa
@@ -52,7 +53,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__, reports
+from .. import __version__, reports, review
 from ..backbones import load_backbone
 from ..config import mask_secrets
 from ..db import (Database, dedupe_run_rows, embedding_counts, embeddings, hashed_images, images, latest_evaluation,
@@ -87,6 +88,11 @@ KParam = Annotated[int, Query(ge=1, le=MAX_K, description="how many similar imag
 MAX_ID = 2**63 - 1  # ids are signed 64-bit integers in every database we run on
 ImageIdParam = Annotated[int, PathParam(ge=1, le=MAX_ID, description="id of a stored image")]
 RunIdParam = Annotated[int | None, Query(ge=1, le=MAX_ID, description="id of a dedupe run (default: the latest)")]
+Sort = Literal[STEPS["duplicates"].param("sort").choices]
+SortParam = Annotated[Sort, Query(description="size: largest groups first; doubt: lowest score first; id")]
+DEFAULT_SORT = default("duplicates", "sort")
+Decision = Literal[review.DECISIONS]
+WEB_REVIEWER = "web"      # who decided, when a review from the web gives no name
 # URL fetches and image decodes run on worker threads of their own, a few at a time, so that
 # slow servers and big images never hold the threads health and pages answer on. Each decode
 # is capped at images.QUERY_MAX_PIXELS, so decoding never holds more than two of those at once.
@@ -120,6 +126,8 @@ class SimilarRequest(BaseModel):
     id: int | None = Field(None, ge=1, le=MAX_ID, description="id of a stored image", examples=[123])
     k: int = Field(DEFAULT_K, ge=1, le=MAX_K, description="how many similar images")
     space: Space = Field(DEFAULT_SPACE, description="embeddings (CNN vectors) or scores (classifier classes)")
+    label: str | None = Field(None, min_length=1, max_length=256,
+                              description="only images with this label (still k of them)")
 
 
 class QueryInfo(BaseModel):
@@ -173,6 +181,8 @@ class GroupMember(BaseModel):
     format: str | None
     is_keeper: bool
     distance: int = Field(description="Hamming distance to the keeper")
+    score: float | None = Field(None, description="the similarity that decided (verified rule)")
+    verified_by: str | None = Field(None, description="what put it in the group: embedding, geometry or review")
     thumbnail_url: str
 
 
@@ -199,7 +209,29 @@ class DuplicatesResponse(BaseModel):
     run: DedupeRun | None
     groups_total: int
     offset: int
+    sort: Sort = DEFAULT_SORT
     groups: list[DuplicateGroup]
+
+
+class ReviewRequest(BaseModel):
+    """A decision on a group of the latest dedupe run; later dedupe runs honour it."""
+
+    model_config = ConfigDict(extra="forbid")
+    decision: Decision = Field(description="not_duplicate: image_id is not a copy of the others; keep_this: "
+                                           "keep image_id; confirmed: the group is right")
+    image_id: int | None = Field(None, ge=1, le=MAX_ID, description="the image (not_duplicate, keep_this)")
+    by: str | None = Field(None, description=f"who decides (default: {WEB_REVIEWER!r})")
+    note: str | None = None
+
+
+class ReviewResponse(BaseModel):
+    run_id: int
+    group_id: int
+    decision: Decision
+    image_id: int | None
+    decided_by: str
+    recorded: int
+    group: int | None = Field(description="the group's id afterwards; null: no longer a group")
 
 
 class Error(BaseModel):
@@ -251,25 +283,26 @@ def _image_row(db: Database, image_id: int):
     return row
 
 
-def search_by_id(db: Database, image_id: int, k: int, space: str) -> Outcome:
+def search_by_id(db: Database, image_id: int, k: int, space: str, label: str | None = None) -> Outcome:
     """The ``k`` stored images most like stored image ``image_id`` (itself excluded)."""
     started = time.perf_counter()
     row = _image_row(db, image_id)
     coll = _searchable(db, space)
-    if not np.isin(image_id, coll.ids):
+    if not coll.has(image_id):
         why = f"it failed to load: {row.reason}" if row.status == "failed" else "run featurize"
         raise ApiError(422, f"image {image_id} has no stored {space} vector ({why})")
-    matches = similar_images(db, image_id, k=k, space=space)
+    matches = similar_images(db, image_id, k=k, space=space, label=label)
     query = QueryInfo(kind="id", name=f"image {image_id}", sha256=row.sha256, image_id=image_id, label=row.label)
     return Outcome(query, matches, space, time.perf_counter() - started)
 
 
-def search_by_bytes(db: Database, data: bytes, k: int, space: str, *, kind: str, name: str) -> Outcome:
+def search_by_bytes(db: Database, data: bytes, k: int, space: str, *, kind: str, name: str,
+                    label: str | None = None) -> Outcome:
     """The ``k`` stored images most like the image in ``data`` (an upload or a fetched URL)."""
     started = time.perf_counter()
     _searchable(db, space)
     try:
-        matches = similar_images(db, data, k=k, space=space)
+        matches = similar_images(db, data, k=k, space=space, label=label)
     except ImageError as exc:
         status = 415 if exc.reason.startswith("not an image") else 422
         raise ApiError(status, f"cannot use this file: {exc.reason}") from None
@@ -376,21 +409,48 @@ def _runs(db: Database) -> list[DedupeRun]:
             for r in rows]
 
 
-def duplicates(db: Database, run_id: int | None, offset: int, limit: int) -> DuplicatesResponse:
-    """A page of a dedupe run's groups (the latest run by default)."""
+def duplicates(db: Database, run_id: int | None, offset: int, limit: int,
+               sort: str = DEFAULT_SORT) -> DuplicatesResponse:
+    """A page of a dedupe run's groups (the latest run by default), sorted by ``sort``."""
     runs = _runs(db)
     if run_id is None and not runs:
         return DuplicatesResponse(run=None, groups_total=0, offset=offset, groups=[])
     run = runs[0] if run_id is None else next((r for r in runs if r.id == run_id), None)
     if run is None:
         raise ApiError(404, f"no dedupe run with id {run_id}")
-    groups = reports.duplicate_groups_report(db, run.id)
+    groups = reports.duplicate_groups_report(db, run.id, sort=sort, limit=limit, offset=offset)
     page = [DuplicateGroup(group_id=g.group_id, size=len(g.members), keeper=g.keeper.image_id, members=[
         GroupMember(image_id=m.image_id, label=m.label, width=m.width, height=m.height, byte_size=m.byte_size,
-                    format=m.format, is_keeper=m.is_keeper, distance=m.distance,
-                    thumbnail_url=f"/api/images/{m.image_id}/thumbnail") for m in g.members])
-        for g in groups[offset:offset + limit]]
-    return DuplicatesResponse(run=run, groups_total=len(groups), offset=offset, groups=page)
+                    format=m.format, is_keeper=m.is_keeper, distance=m.distance, score=m.score,
+                    verified_by=m.verified_by, thumbnail_url=f"/api/images/{m.image_id}/thumbnail")
+        for m in g.members]) for g in groups]
+    return DuplicatesResponse(run=run, groups_total=run.groups, offset=offset, sort=sort, groups=page)
+
+
+def review_decision(db: Database, group_id: int, request: ReviewRequest) -> ReviewResponse:
+    """Record a decision through the review step (the same call as `lookalike duplicates review`)."""
+    if request.decision != "confirmed" and request.image_id is None:
+        raise ApiError(422, f"image_id is required for {request.decision}")
+    image = {"not_duplicate": "not_duplicate", "keep_this": "keep"}.get(request.decision)
+    kwargs = {image: request.image_id} if image else {"confirm": True}
+    outcome = review.review_group(db, group_id, by=request.by or WEB_REVIEWER, note=request.note, **kwargs)
+    return ReviewResponse(**outcome.as_dict())
+
+
+def _same_origin(request: Request) -> None:
+    """Refuse a state-changing request a browser sent from another site (a form posted elsewhere).
+
+    Browsers say where a request comes from in Sec-Fetch-Site; older ones only in Origin, which our
+    pages' no-referrer policy turns into "null" on their own form posts.
+    """
+    site = request.headers.get("sec-fetch-site")
+    origin = request.headers.get("origin")
+    if site is not None:
+        crossed = site not in ("same-origin", "none")
+    else:
+        crossed = origin not in (None, "null") and urlsplit(origin).netloc != request.headers.get("host")
+    if crossed:
+        raise ApiError(403, "cross-site requests may not change review decisions")
 
 
 def _embedding_counts(db: Database) -> list[tuple[str, int, int]]:
@@ -623,7 +683,8 @@ class _Context:
             raise ApiError(422, "give exactly one of: file (multipart upload), url, id"
                            + (f" (got {', '.join(given)})" if given else ""))
         if request.id is not None:
-            return await run_in_threadpool(search_by_id, self.db, request.id, request.k, request.space)
+            return await run_in_threadpool(search_by_id, self.db, request.id, request.k, request.space,
+                                           request.label)
         if upload is not None:
             (name, data), kind = upload, "upload"
             if not data:
@@ -639,7 +700,7 @@ class _Context:
                                  allow_private=self.allow_private_urls)
             data = await self.fetches.run(started_at, download)
         return await self.decodes.run(started_at, lambda: search_by_bytes(
-            self.db, data, request.k, request.space, kind=kind, name=name))
+            self.db, data, request.k, request.space, kind=kind, name=name, label=request.label))
 
     def close(self) -> None:
         self.fetches.close()
@@ -680,7 +741,8 @@ _SIMILAR_BODY = {
         "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
             "file": {"type": "string", "format": "binary", "description": "an image file"},
             "k": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": DEFAULT_K},
-            "space": {"type": "string", "enum": list(get_args(Space)), "default": DEFAULT_SPACE}}}},
+            "space": {"type": "string", "enum": list(get_args(Space)), "default": DEFAULT_SPACE},
+            "label": {"type": "string", "description": "only images with this label"}}}},
     }}}
 
 
@@ -738,9 +800,34 @@ def _api_routes(app: FastAPI, ctx: _Context) -> None:
 
     @app.get("/api/duplicates", response_model=DuplicatesResponse, tags=["duplicates"], responses=ERRORS)
     def duplicate_groups(run_id: RunIdParam = None, offset: Annotated[int, Query(ge=0)] = 0,
-                         limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> DuplicatesResponse:
-        """The groups of a dedupe run (the latest by default), keeper first in each group."""
-        return duplicates(db, run_id, offset, limit)
+                         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                         sort: SortParam = DEFAULT_SORT) -> DuplicatesResponse:
+        """The groups of a dedupe run (the latest by default), keeper first in each group; sorted by size
+        (largest first), doubt (lowest score first) or id."""
+        return duplicates(db, run_id, offset, limit, sort)
+
+    @app.post("/api/duplicates/{group_id}/review", response_model=ReviewResponse, tags=["duplicates"],
+              responses={**ERRORS, 403: {"model": Error}})
+    def review_group(group_id: Annotated[int, PathParam(ge=1, le=MAX_ID)], body: ReviewRequest,
+                     request: Request) -> ReviewResponse:
+        """Record a decision on a group of the latest dedupe run: `not_duplicate` (image_id is not a copy of
+        the others), `keep_this` (keep image_id) or `confirmed`. It changes the latest run's groups at once,
+        and every later dedupe run honours it. Nothing is deleted."""
+        _same_origin(request)
+        return review_decision(db, group_id, body)
+
+    @app.get("/api/duplicates/removable", tags=["duplicates"], responses=ERRORS)
+    def removable() -> JSONResponse:
+        """The non-keepers of the latest dedupe run, decisions applied, with their sources: what a script
+        may remove (lookalike deletes nothing). Store paths are left out: they are the server's."""
+        return JSONResponse([dict(r.as_dict(), path=None, source=mask_secrets(r.source),
+                                  sources=[mask_secrets(x) for x in r.sources])
+                             for r in review.removable_images(db)])
+
+    @app.get("/api/duplicates/decisions", tags=["duplicates"], responses=ERRORS)
+    def decisions() -> JSONResponse:
+        """Every review decision, oldest first, with who and when."""
+        return JSONResponse([d.as_dict() for d in review.list_decisions(db)])
 
     @app.get("/api/plots/unique-counts.png", tags=["collection"], responses={
         404: {"model": Error}, 200: {"content": {"image/png": {}}}})
@@ -787,7 +874,8 @@ def _picks(db: Database) -> list[tuple[int, str | None]]:
     except LookupError:
         return []
     chosen = np.random.default_rng().choice(coll.ids, size=min(PICKER_IMAGES, len(coll.ids)), replace=False)
-    return [(int(i), coll.meta[int(i)].label if int(i) in coll.meta else None) for i in chosen]
+    labels = coll.labels(chosen)
+    return [(int(i), labels.get(int(i), (None, ""))[0]) for i in chosen]
 
 
 def _page_routes(app: FastAPI, ctx: _Context) -> None:
@@ -835,15 +923,48 @@ def _page_routes(app: FastAPI, ctx: _Context) -> None:
                          max_upload_bytes=ctx.max_upload_bytes, picks=await run_in_threadpool(_picks, db))
         return await search_page(query, upload)
 
-    @app.get("/duplicates", response_class=HTMLResponse, include_in_schema=False)
-    def duplicates_page(run: RunIdParam = None, page: Annotated[int, Query(ge=1)] = 1) -> HTMLResponse:
-        values: dict[str, Any] = {"page": "duplicates", "runs": _runs(db), "number": page,
-                                  "per_page": GROUPS_PER_PAGE}
+    def render_duplicates(run: int | None, page: int, sort: str, error: str | None = None,
+                          status: int = 200) -> HTMLResponse:
+        values: dict[str, Any] = {"page": "duplicates", "runs": _runs(db), "number": page, "sort": sort,
+                                  "sorts": get_args(Sort), "per_page": GROUPS_PER_PAGE, "error": error}
         try:
-            values["result"] = duplicates(db, run, (page - 1) * GROUPS_PER_PAGE, GROUPS_PER_PAGE)
+            values["result"] = duplicates(db, run, (page - 1) * GROUPS_PER_PAGE, GROUPS_PER_PAGE, sort)
+            # Decisions are made on the latest run's groups only.
+            values["reviewable"] = values["result"].run is not None and values["result"].run.id == values["runs"][0].id
         except ApiError as exc:
-            return _page("duplicates.html", exc.status, error=exc.message, result=None, **values)
-        return _page("duplicates.html", **values)
+            values.update(error=exc.message, result=None)
+            status = exc.status
+        return _page("duplicates.html", status, **values)
+
+    @app.get("/duplicates", response_class=HTMLResponse, include_in_schema=False)
+    def duplicates_page(run: RunIdParam = None, page: Annotated[int, Query(ge=1)] = 1,
+                        sort: SortParam = DEFAULT_SORT) -> HTMLResponse:
+        return render_duplicates(run, page, sort)
+
+    @app.post("/duplicates/review", response_class=HTMLResponse, include_in_schema=False)
+    async def duplicates_review(request: Request) -> Response:
+        """The page's buttons: one form per group; the button pressed sends `decision` or `decision:image`."""
+        form = await request.form(max_files=0, max_fields=16)
+        sort = form.get("sort") if form.get("sort") in get_args(Sort) else DEFAULT_SORT
+        page = int(form["page"]) if str(form.get("page", "")).isdigit() and 0 < int(form["page"]) <= MAX_ID else 1
+        try:
+            _same_origin(request)
+            decision, _, image = str(form.get("action", "")).partition(":")
+            body = ReviewRequest.model_validate({"decision": decision, "image_id": image or None,
+                                                 "by": form.get("by") or None, "note": form.get("note") or None})
+            group = str(form.get("group_id", ""))
+            if not group.isdigit() or not 0 < int(group) <= MAX_ID:
+                raise ApiError(422, "group_id must be a group's id")
+            outcome = await run_in_threadpool(review_decision, db, int(group), body)
+        except ValidationError as exc:
+            return await run_in_threadpool(render_duplicates, None, page, sort,
+                                           _validation_message(exc.errors()), 422)
+        except LookalikeError as exc:
+            return await run_in_threadpool(render_duplicates, None, page, sort, mask_secrets(str(exc)),
+                                           exc.http_status)
+        anchor = f"#group-{outcome.group}" if outcome.group else ""
+        return Response(status_code=303, headers={"Location": f"/duplicates?{urlencode(dict(sort=sort, page=page))}"
+                                                              f"{anchor}"})
 
     @app.get("/collection", response_class=HTMLResponse, include_in_schema=False)
     def collection_page() -> HTMLResponse:

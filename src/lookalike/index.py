@@ -1,0 +1,750 @@
+"""The persistent vector index: one folder per feature model beside the image store.
+
+The database stays the source of truth; this folder is a cache of its embeddings that
+every searcher (CLI, web app, PL/Python backend) opens instead of loading vectors:
+
+- ``vectors.<epoch>.f32`` — the unit vectors, float32 rows, memory-mapped read-only.
+  Rows are only appended; a removed image's row is marked dead in the id map.
+- ``ids.<generation>.npy`` — the image id of each row (``-1``: dead).
+- ``ivf.<generation>.faiss`` — for a large collection, the faiss PCA→IVF→SQ8 structure
+  over the first ``ivf_rows`` rows (faiss ids are row numbers); rows appended since are
+  searched exactly until there are ``TAIL_ROWS`` of them, then folded in.
+- ``header.json`` — what the files hold: the generation of the database it reflects,
+  sizes and checksums, and a checksum of itself.
+
+Freshness is one row read: the ``embedding_generations`` counter that triggers on
+``embeddings`` bump in the writer's own transaction. Catching up reads the ids
+``embedding_changes`` logged since the header's generation and applies the current
+state of each (dead row, appended row): O(changes). A model change is another folder.
+
+Crash safety: new files are written under temporary names, fsynced and renamed; the
+header, replaced last, names the files it describes. On open the header checksum, the
+file sizes and sampled contents are verified; anything torn is rebuilt from the database.
+Writers take a lock file; readers never wait for one unless the index must change.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import sqlalchemy as sa
+
+from .config import DEFAULT_BACKBONE
+from .db import Database, embeddings, feature_models, settings
+from .db.schema import embedding_changes, embedding_generations
+from .errors import BadInput, LookalikeError, Precondition
+from .steps import INDEX_KIND
+from .vectors import (IVF_THRESHOLD, KINDS, _top_k, default_nlist, default_nprobe, faiss, ivf_sample,
+                      recall_at_k, train_ivf)
+
+FORMAT, FORMAT_VERSION = "lookalike-index", 1
+READ_ROWS = 8192           # embeddings read from the database per round trip
+BLOCK_ROWS = 1 << 16       # rows scored or encoded at a time: bounded temporary memory
+TAIL_ROWS = 4096           # rows appended after the IVF structure that are searched exactly (kept in memory)
+COMPACT_SHARE = 0.25       # rewrite the matrix when this share of its rows is dead
+PRUNE_CHANGES = 50_000     # delete change-log rows once the index is this many generations past the last prune
+SHORTLIST = 64             # IVF candidates re-ranked exactly
+LOCK_WAIT_S = 1800.0       # a writer waits at most this long for another's build
+SAMPLED_ROWS = 16          # rows whose bytes the header checksums
+
+
+class IndexUnavailable(LookalikeError):
+    """The index folder cannot be written (read-only, full disk); the caller searches in memory instead."""
+
+
+@dataclass
+class Header:
+    database: str              # settings.database_id: the database these files belong to
+    model_id: int
+    weights_sha256: str
+    dim: int
+    generation: int            # embedding_generations.generation reflected
+    epoch: int                 # names the vectors file; bumped when the matrix is rewritten
+    rows: int                  # rows of the matrix in use (dead ones included)
+    live: int
+    ids_sha256: str
+    sample_sha256: str
+    ivf_epoch: int = 0         # names the IVF file; bumped when the structure changes
+    ivf_rows: int = 0          # rows covered by the IVF structure; 0: none
+    ivf_bytes: int = 0
+    ivf_sha256: str = ""
+    nprobe: int = 0
+    format: str = FORMAT
+    version: int = FORMAT_VERSION
+
+    def files(self) -> set[str]:
+        names = {"header.json", "lock", f"vectors.{self.epoch}.f32", f"ids.{self.generation}.npy"}
+        return names | ({f"ivf.{self.ivf_epoch}.faiss"} if self.ivf_rows else set())
+
+
+def index_dir(db: Database) -> Path:
+    """The folder that holds the indexes of ``db``: beside its image store."""
+    root = db.store.root
+    return root.with_name(root.name + ".index")
+
+
+def generation(conn, model_id: int) -> tuple[int, int]:
+    """(generation, pruned) of a feature model's embeddings: one indexed row read."""
+    row = conn.execute(sa.select(embedding_generations.c.generation, embedding_generations.c.pruned)
+                       .where(embedding_generations.c.model_id == model_id)).first()
+    return (row.generation, row.pruned) if row else (0, 0)
+
+
+def _database_id(db: Database) -> str:
+    found = db.setting("database_id")
+    if found is None:
+        with db.begin() as conn:
+            conn.execute(db.insert_ignore(settings).values(key="database_id", value=uuid.uuid4().hex))
+        found = db.setting("database_id")
+    return found
+
+
+# ---------------------------------------------------------------- files
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, write) -> None:
+    """``write(file)`` into a temporary file, fsync, rename over ``path``."""
+    temp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    try:
+        with open(temp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _header_bytes(header: Header) -> bytes:
+    body = asdict(header)
+    text = json.dumps(body, sort_keys=True)
+    return json.dumps({"header": body, "sha256": hashlib.sha256(text.encode()).hexdigest()}).encode()
+
+
+def _read_header(folder: Path) -> Header | None:
+    """The header if it is whole and its checksum matches; None when missing or torn."""
+    try:
+        data = json.loads((folder / "header.json").read_bytes())
+        body = data["header"]
+        if hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest() != data["sha256"]:
+            return None
+        header = Header(**body)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    # Numbers name the files: a forged header must not point anywhere else.
+    for name, kind in Header.__annotations__.items():
+        value = getattr(header, name)
+        if type(value) is not {"int": int, "str": str}[kind] or kind == "int" and value < 0:
+            return None
+    return header if header.format == FORMAT and header.version == FORMAT_VERSION else None
+
+
+def _sample_digest(matrix: np.ndarray, rows: int) -> str:
+    picks = sorted(set(np.linspace(0, rows - 1, SAMPLED_ROWS).astype(np.int64).tolist())) if rows else []
+    return hashlib.sha256(b"".join(matrix[int(r)].tobytes() for r in picks)).hexdigest()
+
+
+def _ivf_digest(path: Path) -> str:
+    """sha256 of the first and last MiB and the size: catches a torn or cut file without reading it all."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+        f.seek(max(0, size - (1 << 20)))
+        tail = f.read()
+    return hashlib.sha256(head + tail + str(size).encode()).hexdigest()
+
+
+def _ids_digest(ids: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(ids, dtype="<i8").tobytes()).hexdigest()
+
+
+# ---------------------------------------------------------------- the opened index
+
+def _rows_without(rows: np.ndarray, excluded: np.ndarray) -> np.ndarray:
+    """The distinct rows (>= 0) of ``rows`` not in ``excluded``, sorted (np.unique would import numpy.ma)."""
+    rows = np.sort(rows[(rows >= 0) & ~np.isin(rows, excluded)])
+    return rows[np.concatenate(([True], rows[1:] != rows[:-1]))] if len(rows) else rows
+
+
+@dataclass
+class MappedIndex:
+    """An opened index: the id map in memory, the matrix mapped, the IVF structure (if any) loaded."""
+
+    folder: Path
+    header: Header
+    row_ids: np.ndarray                 # image id per row, -1 dead
+    matrix: np.ndarray                  # (rows, dim) float32, memory-mapped
+    ivf: object | None = None           # faiss index over rows < header.ivf_rows
+    use_ivf: bool = True
+    _order: np.ndarray = field(init=False, repr=False)     # rows by id, for lookups by binary search
+    _sorted: np.ndarray = field(init=False, repr=False)
+    _file: object = field(init=False, repr=False)
+    _tail: np.ndarray | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        # Scattered rows (a re-rank, a stored vector) are read, not mapped: touching one row of the map
+        # maps the whole page-cache folio around it, up to 2 MiB each, tens of MiB per query.
+        self._file = open(self.matrix.filename, "rb", buffering=0) if isinstance(self.matrix, np.memmap) else None
+        self._order = np.argsort(self.row_ids, kind="stable")
+        self._sorted = self.row_ids[self._order]
+
+    @property
+    def kind(self) -> str:
+        return "ivf" if self.ivf is not None and self.use_ivf else "exact"
+
+    @property
+    def generation(self) -> int:
+        return self.header.generation
+
+    @property
+    def dim(self) -> int:
+        return self.header.dim
+
+    @property
+    def ids(self) -> np.ndarray:
+        """The live image ids, in row order."""
+        return self.row_ids[self.row_ids >= 0]
+
+    def __len__(self) -> int:
+        return self.header.live
+
+    def rows_of(self, ids: Iterable[int]) -> np.ndarray:
+        """The row of each id, -1 where it is not in the index."""
+        ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, dtype=np.int64).ravel()
+        if len(ids) == 0 or len(self._order) == 0:
+            return np.full(len(ids), -1, dtype=np.int64)
+        at = np.minimum(np.searchsorted(self._sorted, ids), len(self._sorted) - 1)
+        return np.where((self._sorted[at] == ids) & (ids >= 0), self._order[at], -1)
+
+    def vector(self, image_id: int) -> np.ndarray | None:
+        row = int(self.rows_of([image_id])[0])
+        return None if row < 0 else self._read(np.array([row]))[0]
+
+    def _read(self, rows: np.ndarray) -> np.ndarray:
+        """The given sorted rows of the matrix; the rows after the IVF structure (every query reads them)
+        from a copy kept in memory, others each run of consecutive rows in one pread."""
+        if self._file is None:
+            return self.matrix[rows]
+        start = self.header.ivf_rows if self.ivf is not None else self.header.rows
+        if start < self.header.rows and len(rows) and rows[-1] >= start:
+            split = int(np.searchsorted(rows, start))
+            return np.concatenate([self._pread(rows[:split]), self._tail_rows()[rows[split:] - start]])
+        return self._pread(rows)
+
+    def _tail_rows(self) -> np.ndarray:
+        """The rows after the IVF structure, read once."""
+        if self._tail is None:
+            self._tail = self._pread(np.arange(self.header.ivf_rows, self.header.rows))
+        return self._tail
+
+    def _pread(self, rows: np.ndarray) -> np.ndarray:
+        size = self.dim * 4
+        runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1) if len(rows) else []
+        data = b"".join(os.pread(self._file.fileno(), size * len(run), int(run[0]) * size) for run in runs)
+        if len(data) != size * len(rows):
+            raise BadInput(f"the index matrix {self.matrix.filename} is shorter than its header says")
+        return np.frombuffer(data, dtype="<f4").reshape(len(rows), self.dim)
+
+    def search(self, query: np.ndarray, k: int, *, exclude: Iterable[int] = (),
+               allowed: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, cosine distances) of the ``k`` nearest live rows, best first; ``allowed`` limits them.
+
+        Exact over the mapped rows, or an IVF shortlist (plus the rows after it) re-ranked exactly;
+        a query left short of ``k`` eligible rows by the shortlist is answered exactly.
+        """
+        q = np.asarray(query, dtype=np.float32).ravel()
+        if q.shape != (self.dim,) or not np.all(np.isfinite(q)) or not np.any(q):
+            raise BadInput(f"a query must be a finite non-zero vector of {self.dim} numbers")
+        q = q / np.linalg.norm(q)
+        excluded = self.rows_of(list(exclude))
+        excluded = excluded[excluded >= 0]
+        candidates = None
+        if allowed is not None:
+            candidates = _rows_without(self.rows_of(allowed), excluded)
+            eligible = len(candidates)
+        else:
+            eligible = self.header.live - len(excluded)
+        width = max(0, min(k, eligible))
+        if width == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        if self.kind == "ivf":
+            found = self._ivf_search(q, width, excluded, candidates)
+            if len(found[0]) == width:
+                return found
+        return self._exact(q, width, excluded, candidates)
+
+    def _distances(self, q: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
+        """1 - cosine of ``q`` against sorted ``rows`` (all rows when None), block by block."""
+        n = self.header.rows if rows is None else len(rows)
+        out = np.empty(n, dtype=np.float32)
+        for lo in range(0, n, BLOCK_ROWS):
+            hi = min(lo + BLOCK_ROWS, n)
+            out[lo:hi] = (self.matrix[lo:hi] if rows is None else self._read(rows[lo:hi])) @ q
+        return np.subtract(1.0, out, out=out)
+
+    def _best(self, rows: np.ndarray, dist: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+        dist[self.row_ids[rows] < 0] = np.inf
+        cols, vals = _top_k(dist[None, :], min(width, len(dist)))
+        cols, vals = cols[0], vals[0]
+        keep = np.isfinite(vals)
+        return self.row_ids[rows[cols[keep]]], np.maximum(vals[keep], 0.0).astype(np.float32)
+
+    def _exact(self, q, width, excluded, candidates):
+        rows = np.arange(self.header.rows) if candidates is None else candidates
+        dist = self._distances(q, None if candidates is None else rows)
+        if candidates is None:
+            dist[excluded] = np.inf
+        return self._best(rows, dist, width)
+
+    def _ivf_search(self, q, width, excluded, candidates):
+        h = self.header
+        n_cand = h.live if candidates is None else len(candidates)
+        nlist = faiss.extract_index_ivf(self.ivf).nlist
+        if n_cand <= max(h.ivf_rows * h.nprobe / nlist, 4 * SHORTLIST):
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)   # small: exact is as cheap
+        # faiss parameter objects hold raw pointers: each stays bound to a name until the search is done.
+        ivf_params = faiss.SearchParametersIVF(nprobe=min(nlist, math.ceil(h.nprobe * h.live / n_cand)))
+        if candidates is not None:   # excluded rows are already out of the candidates
+            selector = faiss.IDSelectorBatch(candidates[candidates < h.ivf_rows])
+            ivf_params.sel = selector
+        elif len(excluded) > SHORTLIST:   # many (a dedupe run's copies): faiss skips them
+            batch = faiss.IDSelectorBatch(excluded)
+            selector = faiss.IDSelectorNot(batch)
+            ivf_params.sel = selector
+        params = ivf_params
+        if isinstance(self.ivf, faiss.IndexPreTransform):
+            params = faiss.SearchParametersPreTransform(index_params=ivf_params)
+        dead = h.rows - h.live
+        shortlist = min(h.ivf_rows, max(SHORTLIST, width) + min(len(excluded), SHORTLIST) + min(dead, SHORTLIST))
+        # One query gains nothing from OpenMP threads, and on a busy machine their barriers cost
+        # milliseconds (measured 2 ms against 11 ms p50). The setting is this thread's own.
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            _, labels = self.ivf.search(q[None, :], shortlist, params=params)
+        finally:
+            faiss.omp_set_num_threads(threads)
+        rows = _rows_without(labels[0], excluded)
+        dist = self._distances(q, rows)
+        if h.ivf_rows < h.rows:   # the rows appended since: all of them scored, from the copy in memory
+            tail = np.arange(h.ivf_rows, h.rows) if candidates is None else candidates[candidates >= h.ivf_rows]
+            tail_dist = 1.0 - (self._read(tail) if candidates is not None else self._tail_rows()) @ q
+            tail_dist[np.isin(tail, excluded)] = np.inf
+            rows, dist = np.concatenate([rows, tail]), np.concatenate([dist, tail_dist])
+        return self._best(rows, dist, width)
+
+    def recall(self, queries: int = 100, k: int = 10, seed: int = 0) -> float | None:
+        """recall@k of the IVF search against exact search, on live rows as queries; None without IVF.
+
+        The exact answers come from one pass over the matrix for all queries together.
+        """
+        if self.ivf is None:
+            return None
+        live = np.flatnonzero(self.row_ids >= 0)
+        picks = np.sort(np.random.default_rng(seed).choice(live, min(queries, len(live)), replace=False))
+        q = np.array(self._read(picks))
+        best_rows = np.zeros((len(picks), 0), dtype=np.int64)
+        best = np.zeros((len(picks), 0), dtype=np.float32)
+        for lo, block in _blocks(self.folder / f"vectors.{self.header.epoch}.f32", self.header, 0):
+            dist = 1.0 - q @ block.T
+            rows = np.arange(lo, lo + len(block))
+            dist[:, self.row_ids[rows] < 0] = np.inf
+            dist[(picks[:, None] == rows[None, :])] = np.inf   # not the query itself
+            best_rows = np.concatenate([best_rows, np.broadcast_to(rows, dist.shape)], axis=1)
+            best = np.concatenate([best, dist], axis=1)
+            cols, best = _top_k(best, min(k, best.shape[1]))
+            best_rows = np.take_along_axis(best_rows, cols, axis=1)
+        exact = np.where(np.isfinite(best), self.row_ids[best_rows], -1)
+        approx = [np.pad(self.search(q[i], k, exclude=[int(self.row_ids[row])])[0], (0, k), constant_values=-1)[:k]
+                  for i, row in enumerate(picks)]
+        return recall_at_k(np.array(approx), exact)
+
+
+# ---------------------------------------------------------------- opening, building, catching up
+
+def open_index(db: Database, model_id: int, kind: str = "auto", *, private: bool = False) -> MappedIndex:
+    """The index of feature model ``model_id``, caught up with the database (built on first use).
+
+    ``kind``: "exact", "ivf" or "auto" (IVF from :data:`~lookalike.vectors.IVF_THRESHOLD` vectors).
+    :class:`IndexUnavailable` when the folder cannot be written and the index is not fresh;
+    ``private`` then keeps one in a temporary folder of this process instead.
+    """
+    if kind not in KINDS:
+        raise BadInput(f"index must be one of {', '.join(KINDS)}, not {kind!r}")
+    root = _private_root() / _database_id(db) if private else index_dir(db)
+    folder = root / f"model-{int(model_id)}"
+    with db.engine.connect() as conn:
+        current, _pruned = generation(conn, model_id)
+    opened = _open_files(folder)
+    if opened is None or opened.header.generation != current or (_wanted_ivf(opened, kind) and opened.ivf is None) \
+            or opened.header.database != db.setting("database_id"):
+        with _locked(folder):
+            opened = update(db, model_id, folder, kind)
+    if kind == "ivf" and opened.ivf is None:
+        raise BadInput(f"an IVF index needs at least 1000 vectors to train, got {len(opened)}")
+    opened.use_ivf = kind != "exact"
+    return opened
+
+
+_private: list[tempfile.TemporaryDirectory] = []
+
+
+def _private_root() -> Path:
+    """This process's own index folder (removed when it exits), for a database whose index folder is read-only."""
+    if not _private:
+        _private.append(tempfile.TemporaryDirectory(prefix="lookalike-index-"))
+    return Path(_private[0].name)
+
+
+def _wanted_ivf(index: MappedIndex, kind: str) -> bool:
+    return kind == "ivf" and index.header.live >= 1000 or kind == "auto" and index.header.live >= IVF_THRESHOLD
+
+
+def update(db: Database, model_id: int, folder: Path, kind: str = "auto", *, rebuild: bool = False) -> MappedIndex:
+    """Bring the files in ``folder`` up to the database (the caller holds the lock): catch up, or build."""
+    weights, dim = _model(db, model_id)
+    database = _database_id(db)
+    opened = None if rebuild else _open_files(folder)
+    if opened is not None and (opened.header.database, opened.header.weights_sha256) != (database, weights):
+        opened = None
+    with db.engine.connect() as conn:
+        current, pruned = generation(conn, model_id)
+    if opened is None or opened.header.generation < pruned:
+        opened = _build(db, folder, Header(database, model_id, weights, dim, generation=current, epoch=0,
+                                            rows=0, live=0, ids_sha256="", sample_sha256=""))
+    elif opened.header.generation != current:
+        opened = _catch_up(db, opened, current)
+    if opened.ivf is None and _wanted_ivf(opened, kind) or opened.ivf is not None and \
+            opened.header.rows - opened.header.ivf_rows > TAIL_ROWS:
+        opened = _commit(folder, opened.header, opened.row_ids, new_ivf=_fold_ivf(opened))
+    _prune(db, model_id, opened.header.generation, pruned)
+    return opened
+
+
+def _model(db: Database, model_id: int) -> tuple[str, int]:
+    with db.engine.connect() as conn:
+        row = conn.execute(sa.select(feature_models.c.weights_sha256, feature_models.c.dim)
+                           .where(feature_models.c.id == model_id)).first()
+    if row is None:
+        raise Precondition(f"no feature model {model_id}: run `lookalike featurize` first")
+    return row.weights_sha256, row.dim
+
+
+def _open_files(folder: Path) -> MappedIndex | None:
+    """The index in ``folder`` if its files are whole and match the header; None otherwise.
+
+    Tried a few times: a writer may replace the files between reading the header and opening them.
+    """
+    for _attempt in range(3):
+        header = _read_header(folder)
+        if header is None:
+            return None
+        try:
+            return _open_checked(folder, header)
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, EOFError, RuntimeError):   # RuntimeError: faiss refused the file
+            return None
+    return None
+
+
+def _open_checked(folder: Path, h: Header) -> MappedIndex | None:
+    ids = np.load(folder / f"ids.{h.generation}.npy", allow_pickle=False)
+    if ids.shape != (h.rows,) or _ids_digest(ids) != h.ids_sha256 or int((ids >= 0).sum()) != h.live:
+        return None
+    path = folder / f"vectors.{h.epoch}.f32"
+    if path.stat().st_size < h.rows * h.dim * 4:
+        return None   # cut short
+    matrix = np.memmap(path, dtype="<f4", mode="r", shape=(h.rows, h.dim)) if h.rows else \
+        np.zeros((0, h.dim), dtype=np.float32)
+    if _sample_digest(matrix, h.rows) != h.sample_sha256:
+        return None
+    ivf = None
+    if h.ivf_rows:
+        ivf_path = folder / f"ivf.{h.ivf_epoch}.faiss"
+        if ivf_path.stat().st_size != h.ivf_bytes or _ivf_digest(ivf_path) != h.ivf_sha256:
+            return None
+        # Mapped in place, not read: its codes are shared between processes (PL/Python backends, web
+        # workers) and opening copies nothing (IO_FLAG_MMAP maps too, but searched 7x slower here).
+        # A mapped structure is never changed; _fold_ivf reads its own copy.
+        ivf = faiss.read_index(str(ivf_path), faiss.IO_FLAG_MMAP_IFC)
+    return MappedIndex(folder, h, ids, matrix, ivf)
+
+
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """The folder's writer lock (another process's build is waited for, at most LOCK_WAIT_S)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / "lock", os.O_RDWR | os.O_CREAT, 0o664)
+    except OSError as exc:
+        raise IndexUnavailable(f"cannot write the vector index in {folder}: {exc.strerror or exc}") from None
+    try:
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise IndexUnavailable(f"the vector index in {folder} stayed locked for {LOCK_WAIT_S:g} s")
+                time.sleep(0.05)
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
+                raise IndexUnavailable(f"cannot write the vector index in {folder}: {exc.strerror}") from None
+            raise
+    finally:
+        os.close(fd)   # closing releases the lock
+
+
+def _unit_rows(matrix: np.ndarray) -> np.ndarray:
+    """Rows scaled to length one (a zero row stays zero: it matches nothing)."""
+    matrix = np.asarray(matrix, dtype=np.float32)
+    return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+
+
+def _embedding_chunks(db: Database, model_id: int, dim: int, image_ids: np.ndarray | None = None
+                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids, unit rows) of stored embeddings in chunks: all of a model's (by image id), or those of ``image_ids``."""
+    def decode(rows):
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        blob = b"".join(r[1] for r in rows)
+        if len(blob) != len(rows) * dim * 4:
+            raise BadInput(f"stored embeddings of model {model_id} are not all {dim} float32 numbers")
+        return ids, _unit_rows(np.frombuffer(blob, dtype="<f4").reshape(len(rows), dim))
+
+    query = sa.select(embeddings.c.image_id, embeddings.c.vector).where(embeddings.c.model_id == model_id)
+    with db.engine.connect() as conn:
+        if image_ids is None:
+            result = conn.execution_options(stream_results=True, yield_per=READ_ROWS).execute(
+                query.order_by(embeddings.c.image_id))
+            for rows in result.partitions(READ_ROWS):
+                yield decode(rows)
+            return
+        for lo in range(0, len(image_ids), READ_ROWS):
+            part = [int(i) for i in image_ids[lo:lo + READ_ROWS]]
+            rows = conn.execute(query.where(embeddings.c.image_id.in_(part)).order_by(embeddings.c.image_id)).all()
+            if rows:
+                yield decode(rows)
+
+
+def _append(path: Path, keep_rows: int, dim: int, chunks: Iterable[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Append chunks to the matrix file after its first ``keep_rows`` rows (leftovers of a crash are cut); fsync.
+
+    Returns the ids appended, in row order.
+    """
+    added = []
+    with open(path, "ab") as f:
+        f.truncate(keep_rows * dim * 4)
+        for ids, rows in chunks:
+            f.write(np.ascontiguousarray(rows, dtype="<f4").tobytes())
+            added.append(ids)
+        f.flush()
+        os.fsync(f.fileno())
+    return np.concatenate(added) if added else np.zeros(0, dtype=np.int64)
+
+
+def _commit(folder: Path, h: Header, row_ids: np.ndarray, ivf=None, new_ivf=None) -> MappedIndex:
+    """Write the id map, a new IVF structure (``new_ivf``: index, rows, nprobe) and then the header (the
+    commit point); remove stale files. ``ivf``: the loaded structure the header already names, kept."""
+    path = folder / f"vectors.{h.epoch}.f32"
+    h.rows, h.live = len(row_ids), int((row_ids >= 0).sum())
+    matrix = np.memmap(path, dtype="<f4", mode="r", shape=(h.rows, h.dim)) if h.rows else \
+        np.zeros((0, h.dim), dtype=np.float32)
+    h.ids_sha256, h.sample_sha256 = _ids_digest(row_ids), _sample_digest(matrix, h.rows)
+    _write_atomic(folder / f"ids.{h.generation}.npy", lambda f: np.save(f, row_ids.astype("<i8"), allow_pickle=False))
+    if new_ivf is not None:
+        ivf, h.ivf_rows, h.nprobe = new_ivf
+        h.ivf_epoch += 1
+        ivf_path = folder / f"ivf.{h.ivf_epoch}.faiss"
+        _write_atomic(ivf_path, lambda f: faiss.write_index(ivf, faiss.PyCallbackIOWriter(f.write)))
+        h.ivf_bytes, h.ivf_sha256 = ivf_path.stat().st_size, _ivf_digest(ivf_path)
+    elif ivf is None:
+        h.ivf_rows, h.ivf_bytes, h.ivf_sha256, h.nprobe = 0, 0, "", 0
+    _write_atomic(folder / "header.json", lambda f: f.write(_header_bytes(h)))
+    _fsync_dir(folder)
+    for stale in folder.iterdir():
+        if stale.name not in h.files():
+            stale.unlink(missing_ok=True)
+    return MappedIndex(folder, h, row_ids, matrix, ivf)
+
+
+def _build(db: Database, folder: Path, h: Header) -> MappedIndex:
+    """Every embedding of the model into a new matrix file; the IVF structure is added by the caller when wanted."""
+    h.epoch = 1 + max((int(p.name.split(".")[1]) for p in folder.glob("vectors.*.f32")
+                       if p.name.split(".")[1].isdigit()), default=0)
+    path = folder / f"vectors.{h.epoch}.f32"
+    return _commit(folder, h, _append(path, 0, h.dim, _embedding_chunks(db, h.model_id, h.dim)))
+
+
+def _catch_up(db: Database, index: MappedIndex, current: int) -> MappedIndex:
+    """Apply the changes logged after the index's generation: each changed id's row dies, its current vector
+    (if it still has one) is appended. Idempotent, so changes committed meanwhile are simply seen again."""
+    h = Header(**asdict(index.header))
+    with db.engine.connect() as conn:
+        changed = np.array(sorted(conn.execute(
+            sa.select(embedding_changes.c.image_id.distinct()).where(
+                embedding_changes.c.model_id == h.model_id, embedding_changes.c.generation > h.generation,
+                embedding_changes.c.generation <= current)).scalars()), dtype=np.int64)
+    row_ids = index.row_ids.copy()
+    dying = index.rows_of(changed)
+    row_ids[dying[dying >= 0]] = -1
+    added = _append(index.folder / f"vectors.{h.epoch}.f32", h.rows, h.dim,
+                    _embedding_chunks(db, h.model_id, h.dim, changed))
+    row_ids = np.concatenate([row_ids, added])
+    h.generation = current
+    dead = int((row_ids < 0).sum())
+    if dead > COMPACT_SHARE * len(row_ids):
+        return _compact(index.folder, h, row_ids, index.ivf is not None)
+    return _commit(index.folder, h, row_ids, ivf=index.ivf)
+
+
+def _compact(folder: Path, h: Header, row_ids: np.ndarray, with_ivf: bool) -> MappedIndex:
+    """Rewrite the matrix with live rows only (a new epoch); the IVF structure is rebuilt over it."""
+    old = np.memmap(folder / f"vectors.{h.epoch}.f32", dtype="<f4", mode="r", shape=(len(row_ids), h.dim))
+    live = np.flatnonzero(row_ids >= 0)
+    h.epoch += 1
+    path = folder / f"vectors.{h.epoch}.f32"
+    path.unlink(missing_ok=True)
+    chunks = ((row_ids[live[lo:lo + BLOCK_ROWS]], old[live[lo:lo + BLOCK_ROWS]])
+              for lo in range(0, len(live), BLOCK_ROWS))
+    compacted = _commit(folder, h, _append(path, 0, h.dim, chunks))
+    if with_ivf and compacted.header.live >= 1000:
+        compacted = _commit(folder, compacted.header, compacted.row_ids, new_ivf=_fold_ivf(compacted))
+    return compacted
+
+
+def _fold_ivf(index: MappedIndex):
+    """The IVF structure over every row: trained anew on a sample when there is none, else extended with the tail."""
+    h = index.header
+    if index.ivf is None:
+        nlist = default_nlist(h.rows)
+        sample = ivf_sample(h.rows, nlist)
+        ivf, start, nprobe = train_ivf(_gather(index.folder / f"vectors.{h.epoch}.f32", h, sample), h.rows,
+                                       nlist=nlist), 0, default_nprobe(nlist)
+    else:
+        ivf = faiss.read_index(str(index.folder / f"ivf.{h.ivf_epoch}.faiss"))   # a copy that can change
+        start, nprobe = h.ivf_rows, h.nprobe
+    path = index.folder / f"vectors.{h.epoch}.f32"
+    for lo, block in _blocks(path, h, start):
+        ivf.add_with_ids(block, np.arange(lo, lo + len(block), dtype=np.int64))
+    dead = np.flatnonzero(index.row_ids < 0)
+    if len(dead):
+        ivf.remove_ids(faiss.IDSelectorBatch(dead))
+    return ivf, h.rows, nprobe
+
+
+def _blocks(path: Path, h: Header, start: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, rows) of the matrix from ``start`` on, read (not mapped) so pages do not stay resident."""
+    buffer = np.empty((BLOCK_ROWS, h.dim), dtype="<f4")
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start * h.dim * 4)
+        for lo in range(start, h.rows, BLOCK_ROWS):
+            n = min(BLOCK_ROWS, h.rows - lo)
+            view = memoryview(buffer[:n]).cast("B")
+            got = f.readinto(view)
+            if got != n * h.dim * 4:
+                raise OSError(errno.EIO, f"the index matrix {path.name} is shorter than its header says")
+            yield lo, buffer[:n]
+
+
+def _gather(path: Path, h: Header, rows: np.ndarray) -> np.ndarray:
+    """The given sorted rows of the matrix, read block by block."""
+    out = np.empty((len(rows), h.dim), dtype=np.float32)
+    at = 0
+    for lo, block in _blocks(path, h, 0):
+        mine = rows[(rows >= lo) & (rows < lo + len(block))]
+        out[at:at + len(mine)] = block[mine - lo]
+        at += len(mine)
+    return out
+
+
+def _prune(db: Database, model_id: int, reached: int, pruned: int) -> None:
+    """Drop change-log rows this index has applied, once there are many (an older copy elsewhere rebuilds)."""
+    if reached - pruned < PRUNE_CHANGES:
+        return
+    with db.begin() as conn:
+        conn.execute(sa.delete(embedding_changes).where(embedding_changes.c.model_id == model_id,
+                                                        embedding_changes.c.generation <= reached))
+        conn.execute(sa.update(embedding_generations).where(embedding_generations.c.model_id == model_id)
+                     .values(pruned=sa.func.max(embedding_generations.c.pruned, reached)
+                             if db.dialect == "sqlite" else sa.func.greatest(embedding_generations.c.pruned,
+                                                                              reached)))
+
+
+# ---------------------------------------------------------------- the steps: status and rebuild
+
+@dataclass(frozen=True)
+class IndexStatus:
+    folder: str
+    model: str
+    kind: str
+    vectors: int
+    rows: int
+    bytes: int
+    generation: int
+    database_generation: int
+    recall_at_10: float | None
+
+    @property
+    def fresh(self) -> bool:
+        return self.generation == self.database_generation
+
+    def lines(self) -> list[str]:
+        state = "fresh" if self.fresh else f"stale (the database is at generation {self.database_generation})"
+        out = [f"index {self.folder} ({self.model}): {self.kind}, {self.vectors} vectors in {self.rows} rows, "
+               f"{self.bytes / 2**20:.1f} MiB, generation {self.generation}, {state}"]
+        if self.recall_at_10 is not None:
+            out.append(f"  IVF recall@10 on a sample of 100: {self.recall_at_10:.3f}")
+        return out
+
+
+def _latest_model(db: Database, backbone: str) -> int:
+    from .features import latest_feature_model  # lazy: features imports the backbones
+    with db.engine.connect() as conn:
+        return latest_feature_model(conn, backbone)
+
+
+def index_status(db: Database, *, backbone: str = DEFAULT_BACKBONE) -> IndexStatus:
+    """Size, generation and freshness of the index of ``backbone``'s latest model (read-only), IVF recall@10."""
+    model_id = _latest_model(db, backbone)
+    folder = index_dir(db) / f"model-{model_id}"
+    with db.engine.connect() as conn:
+        current, _pruned = generation(conn, model_id)
+    opened = _open_files(folder)
+    if opened is None:
+        return IndexStatus(str(folder), backbone, "none (built on the first search)", 0, 0, 0, -1, current, None)
+    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    return IndexStatus(str(folder), backbone, opened.kind, len(opened), opened.header.rows, size,
+                       opened.generation, current, opened.recall())
+
+
+def rebuild_index(db: Database, *, backbone: str = DEFAULT_BACKBONE, index: str = INDEX_KIND.default) -> IndexStatus:
+    """Rebuild the index of ``backbone``'s latest model from the database; its status after."""
+    model_id = _latest_model(db, backbone)
+    folder = index_dir(db) / f"model-{model_id}"
+    with _locked(folder):
+        update(db, model_id, folder, index, rebuild=True)
+    return index_status(db, backbone=backbone)
