@@ -219,7 +219,8 @@ class ReviewRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     decision: Decision = Field(description="not_duplicate: image_id is not a copy of the others; keep_this: "
                                            "keep image_id; confirmed: the group is right")
-    image_id: int | None = Field(None, ge=1, le=MAX_ID, description="the image (not_duplicate, keep_this)")
+    # strict: JSON true is not image 1, nor 1.5 image 1
+    image_id: int | None = Field(None, ge=1, le=MAX_ID, strict=True, description="the image (not_duplicate, keep_this)")
     by: str | None = Field(None, description=f"who decides (default: {WEB_REVIEWER!r})")
     note: str | None = None
 
@@ -950,7 +951,8 @@ def _page_routes(app: FastAPI, ctx: _Context) -> None:
         try:
             _same_origin(request)
             decision, _, image = str(form.get("action", "")).partition(":")
-            body = ReviewRequest.model_validate({"decision": decision, "image_id": image or None,
+            image_id = int(image) if image.isascii() and image.isdigit() else image or None   # else refused below
+            body = ReviewRequest.model_validate({"decision": decision, "image_id": image_id,
                                                  "by": form.get("by") or None, "note": form.get("note") or None})
             group = str(form.get("group_id", ""))
             if not group.isdigit() or not 0 < int(group) <= MAX_ID:
