@@ -12,7 +12,18 @@
 
 The server is a throwaway PostgreSQL 15 (tests/support/pg.py), run as OS user postgres.
 
+``--vectors N`` measures the persistent vector index instead: N synthetic 1280-d embeddings
+(bench/synthetic_embeddings.py) written by COPY, the index built by this process's OS user
+(root) beside the image store, readable by the server's. Then ``similar_images`` by id in a
+fresh psql session (wall, connect and imports included) and the memory of 8 concurrent
+sessions against one, as PSS (proportional set size: a page shared by k processes counts
+1/k in each, so the sum over backends counts the mapped index once); RSS is printed beside
+it. The fallback (a server that cannot read the index: each backend indexes every vector
+itself, today's path before the index) is measured in the same run, one session.
+Goals (issue 11) at 100,000: fresh session <= 0.5 s; 8 sessions add <= 0.5 GB over one.
+
     python bench/bench_plpython.py [--quick]
+    python bench/bench_plpython.py --vectors 100000
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -58,6 +70,7 @@ def run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="8 images per label, fewer repetitions")
+    parser.add_argument("--vectors", type=int, help="measure the vector index on this many synthetic embeddings")
     args = parser.parse_args()
     per_label, calls, fresh = (8, 20, 3) if args.quick else (30, 100, 5)
 
@@ -71,7 +84,10 @@ def main() -> None:
         user = pwd.getpwnam("postgres")
         os.chown(store, user.pw_uid, user.pw_gid)
         with PostgresCluster() as cluster:
-            bench(cluster, root, samples, store, calls, fresh)
+            if args.vectors:
+                bench_index(cluster, root, store, args.vectors)
+            else:
+                bench(cluster, root, samples, store, calls, fresh)
     finally:
         shutil.rmtree(root)
 
@@ -121,6 +137,96 @@ def bench(cluster: PostgresCluster, root: Path, samples: Path, store: Path, call
     print(f"  ratio warm psql / in-process   {p50(in_session) / p50(in_process):7.2f}")
     print(f"  ratio fresh psql / fresh CLI   {p50(pg_fresh) / p50(cli_fresh):7.2f}")
     print(f"  memory of that warm session's backend: {rss:.0f} MB resident (packages, model, collection)")
+
+
+def memory_mb(pid: int) -> dict[str, float]:
+    """Rss, Pss and Pss_Anon (private heap) of a process, MB, from /proc/PID/smaps_rollup."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
+    return {name: int(fields[name].split()[0]) / 1024 for name in ("Rss", "Pss", "Pss_Anon")}
+
+
+def write_vectors(conninfo: str, url: str, n: int) -> list[int]:
+    """n synthetic embeddings of a feature model named like the default backbone, by COPY; their image ids."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from synthetic_embeddings import clustered_embeddings
+    import sqlalchemy as sa
+    from lookalike.db import feature_models, now
+    with Database(url) as db, db.begin() as conn:
+        model = conn.execute(sa.insert(feature_models).values(
+            name="efficientnet-lite0", weights_sha256="b" * 64, dim=1280, input_size=224, preprocessing="bench",
+            created_at=now()).returning(feature_models.c.id)).scalar_one()
+    vectors = clustered_embeddings(n, seed=0)
+    with psycopg.connect(conninfo) as conn, conn.cursor() as cur:
+        with cur.copy("COPY lookalike.images (id, sha256, source, byte_size, status, loaded_at, label) "
+                      "FROM STDIN") as copy:
+            for i in range(1, n + 1):
+                copy.write_row((i, f"{i:064x}", f"bench/{i}.jpg", 1, "ok", "2026-01-01T00:00:00Z", f"l{i % 10}"))
+        with cur.copy("COPY lookalike.embeddings (image_id, model_id, vector) FROM STDIN") as copy:
+            for i in range(1, n + 1):
+                copy.write_row((i, model, vectors[i - 1].astype("<f4").tobytes()))
+    return list(range(1, n + 1))
+
+
+def bench_index(cluster: PostgresCluster, root: Path, store: Path, n: int) -> None:
+    from lookalike.index import index_dir, rebuild_index
+    psql = [str(cluster.bin_dir / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h",
+            str(cluster.socket_dir), "-p", str(cluster.port), "-U", "postgres", "-d", "lookalike_test"]
+    install(cluster.url, root / "python", store_dir=store)
+    wrote, ids = timed(lambda: write_vectors(cluster.conninfo(), cluster.url, n))
+    with Database(cluster.url) as db:
+        built, status = timed(lambda: rebuild_index(db))
+        folder = index_dir(db)
+    print(f"{n:,} embeddings written by COPY in {wrote:.0f} s; index built by OS user {pwd.getpwuid(os.geteuid())[0]} "
+          f"in {built:.1f} s:\n  {status.lines()[0]}")
+    picks = [ids[(i * 7919) % n] for i in range(8)]
+    search = "SELECT count(*) FROM lookalike.similar_images({}::bigint, 10)"
+    timed(lambda: run(psql + ["-c", search.format(picks[0])]))   # the server's first imports: page cache warm
+    baseline = [timed(lambda: run(psql + ["-c", "SELECT 1"]))[0] for _ in range(5)]
+    fresh = [timed(lambda i=i: run(psql + ["-c", search.format(i)]))[0] for i in picks[:5]]
+    # The same first call, its imports timed inside the backend (what PREAMBLE does on a session's first call).
+    imports = ("DO LANGUAGE plpython3u $$\nimport sys, time\nstarted = time.perf_counter()\nsys.path.insert(0, %r)\n"
+               "import lookalike.plpython, lookalike.search\nplpy.notice('imports %%.2f s' %% "
+               "(time.perf_counter() - started))\n$$;" % str(root / "python"))
+    imported = run(psql + ["-c", imports]).stderr.split("imports ")[1].split()[0]
+
+    def sessions(count: int) -> list[dict[str, float]]:
+        """``count`` sessions each searching three times at once; their backends' memory, still connected."""
+        conns = [psycopg.connect(cluster.conninfo(), autocommit=True) for _ in range(count)]
+        try:
+            def work(conn, k):
+                for j in range(3):
+                    conn.execute(search.format(picks[(k + j) % len(picks)])).fetchall()
+            threads = [threading.Thread(target=work, args=(c, k)) for k, c in enumerate(conns)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            return [memory_mb(c.execute("SELECT pg_backend_pid()").fetchone()[0]) for c in conns]
+        finally:
+            for c in conns:
+                c.close()
+
+    one, eight = sessions(1), sessions(8)
+    total = {key: sum(m[key] for m in eight) for key in one[0]}
+    p50 = statistics.median
+    print(f"\nsimilar_images by id, k=10, over {n:,} vectors through the index:")
+    print(f"  fresh psql session, p50 of 5      {p50(fresh):6.2f} s   (goal <= 0.5 s; `SELECT 1` alone: "
+          f"{p50(baseline):.2f} s; the backend's imports alone: {imported} s)")
+    print(f"  one session:   PSS {one[0]['Pss']:7.0f} MB, of it private heap {one[0]['Pss_Anon']:5.0f} MB, "
+          f"RSS {one[0]['Rss']:7.0f} MB")
+    print(f"  8 sessions:    PSS {total['Pss']:7.0f} MB, of it private heap {total['Pss_Anon']:5.0f} MB, "
+          f"RSS {total['Rss']:7.0f} MB (sums over the 8 backends)")
+    print(f"  8 add over one: {(total['Pss'] - one[0]['Pss']) / 1024:.2f} GB PSS (goal <= 0.5 GB); "
+          f"RSS would say {(total['Rss'] - one[0]['Rss']) / 1024:.2f} GB, counting the shared pages 8 times")
+
+    folder.chmod(0o700)   # the server can no longer read it: the fallback, each backend indexing for itself
+    try:
+        fallback, _ = timed(lambda: run(psql + ["-c", search.format(picks[0])]))
+        alone = sessions(1)[0]
+    finally:
+        folder.chmod(0o755)
+    print(f"  fallback (index unreadable), fresh session {fallback:6.2f} s; one session PSS {alone['Pss']:.0f} MB, "
+          f"private heap {alone['Pss_Anon']:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 BENCHES = ["bench_load", "bench_hashing", "bench_neardup", "bench_dedupe_quality", "bench_dedupe_speed", "bench_featurize",
-           "bench_evaluate", "bench_search", "bench_index", "bench_api", "bench_export", "bench_plpython"]
+           "bench_evaluate", "bench_search", "bench_index", "bench_api", "bench_export", "bench_plpython",
+           "bench_inspect", "bench_spaces"]
 
 
 def main() -> int:

@@ -63,7 +63,7 @@ def test_similar_by_id_and_by_path_as_text_json_and_sheet(model_db):
     root, db, *_ = model_db
     table = lookalike("similar", 2, "--top", 3, *db)
     assert table.code == 0 and table.out.splitlines()[0].split()[:3] == ["rank", "image", "label"], table.err
-    assert len(table.out.splitlines()) == 4
+    assert len(table.out.splitlines()) == 5 and table.out.splitlines()[-1] == "space: embeddings (auto)"
     path = sorted((root / "samples" / "striped").glob("*.jpg"))[0]
     as_json = lookalike("similar", path, "--top", 4, "--json", "--label", "striped", "--sheet", root / "s.png", *db)
     assert as_json.code == 0, as_json.err

@@ -125,7 +125,7 @@ def test_run_prints_the_finished_steps_when_a_later_one_fails(labelled):
     failed = lookalike("run", "--rule", "exact", "--max-distance", 3, *db)
     assert failed.code == 2
     assert [line.split("]")[0] + "]" for line in failed.out.splitlines() if line.startswith("[")] == [
-        "[hash]", "[featurize]", "[dedupe]"]
+        "[hash]", "[featurize]", "[index]", "[dedupe]"]
     assert "[dedupe] failed after " in failed.out and "featurize (efficientnet-lite0): 0 embedded" in failed.out
     assert failed.err == "error: the exact rule takes no maximum distance; use the near or verified rule\n"
 

@@ -116,7 +116,8 @@ def test_random_embeddings_rank_the_positive_by_chance(db):
     split_images(db)  # 50 test images per label: 100 of other labels, no top-up
     summary = evaluate_model(db, queries_per_label=20, negatives_per_query=100)
     assert (summary.queries, summary.pairs) == (60, 60 * 101)
-    assert [note for note in summary.notes if "scores space skipped" not in note] == []  # no top-up
+    assert [note for note in summary.notes if "scores space skipped" not in note
+            and "no similarity space fitted" not in note] == []  # no top-up
     # The positive's rank is uniform on 1..101: P(top1) = 1/101, mean 51, sd of the mean of 60 ranks ≈ 3.8.
     for metric in ("l2", "cosine"):
         assert summary.value("embeddings", metric, "top1") <= 0.1
@@ -176,7 +177,8 @@ def test_same_seed_same_pairs_and_results_in_any_database(db, tmp_path):
     train_classifier(db, feature_model=FEATURE_MODEL)
     first = evaluate_model(db, queries_per_label=6, negatives_per_query=12, seed=4)
     first_pairs = pairs_by_sha(db, first.evaluation_id)
-    assert first.model_id is not None and not first.notes
+    assert first.model_id is not None and first.notes == (
+        "no similarity space fitted on efficientnet-lite0 embeddings: run `lookalike fit`",)
     assert {space for space, *_ in first.results} == {"embeddings", "scores"}
 
     # Same inputs: the evaluation is replaced, not added; the same pairs and values come back.

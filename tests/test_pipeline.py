@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from collections import Counter
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,7 +50,7 @@ def outcome(db: Database) -> dict:
         top = {}
         for query_image, rank, image_id in conn.execute(sa.text(
                 "SELECT q.image_id, r.rank, r.image_id FROM ranking_results r "
-                "JOIN query_images q ON q.id = r.query_id WHERE r.space = 'embeddings' ORDER BY q.image_id, r.rank")):
+                "JOIN query_images q ON q.id = r.query_id ORDER BY q.image_id, r.rank")):
             top.setdefault(sha[query_image], []).append(sha[image_id])
     return {"split": split, "test_accuracy": test_accuracy, "top": top}
 
@@ -64,7 +66,11 @@ def sqlite_run(sample_set, tmp_path_factory):
 def test_run_does_every_step_and_ranks_the_test_split(sqlite_run, sample_set):
     db, summary = sqlite_run
     assert [name for name, _, _ in summary.steps] == [
-        "load", "hash", "featurize", "dedupe", "split", "train", "evaluate", "rank"]
+        "load", "hash", "featurize", "index", "dedupe", "split", "train", "fit", "evaluate", "rank"]
+    # The index is built by the run, not by the first search after it.
+    index_line = dict((name, lines) for name, _, lines in summary.steps)["index"][0]
+    assert re.fullmatch(rf"index .*\.index/model-1 \(efficientnet-lite0\): exact, {sample_set.images} vectors in "
+                        rf"{sample_set.images} rows, [\d.]+ MiB, generation \d+, fresh", index_line), index_line
     with db.engine.connect() as conn:
         ok = conn.execute(sa.select(sa.func.count()).where(images.c.status == "ok")).scalar()
         assert ok == sample_set.images
@@ -102,6 +108,34 @@ def test_similar_finds_same_texture_and_never_the_query(sqlite_run, sample_set):
     assert [m.image_id for m in striped][:len(unfiltered)] == unfiltered
     with pytest.raises(LookupError, match="no searchable image has label 'tartan'"):
         similar_images(db, query_id, k=10, label="tartan")
+
+
+def test_default_space_is_chosen_by_evaluate_and_keeps_copies_first(sqlite_run, sample_set):
+    """The run fits pca and learned, evaluate records the best on the test split, and an auto search answers
+    from it: same texture throughout, no ties, and a planted near-copy still first for its original."""
+    db, summary = sqlite_run
+    evaluate_lines = dict((name, lines) for name, _, lines in summary.steps)["evaluate"]
+    assert "  default space: learned (best top1, cosine), used where --space is auto" in evaluate_lines
+    with db.engine.connect() as conn:
+        id_of = dict(conn.execute(sa.select(images.c.source, images.c.id)).all())
+        spaces_ranked = set(conn.execute(sa.text("SELECT DISTINCT space FROM ranking_results")).scalars())
+    assert spaces_ranked == {"learned"}
+    with open(sample_set.ground_truth, newline="") as f:
+        planted = [(id_of[str((sample_set.root / row["copy"]).resolve())],
+                    id_of[str((sample_set.root / row["original"]).resolve())]) for row in csv.DictReader(f)]
+    first_in_raw, same_label = 0, Counter()
+    for copy_id, original_id in planted:
+        matches = similar_images(db, original_id, k=10)
+        assert {m.space for m in matches} == {"learned"}
+        assert len({f"{m.similarity:.4f}" for m in matches}) == 10   # no ties in the top 10, as printed
+        raw = similar_images(db, original_id, k=10, space="embeddings")
+        assert {m.space for m in raw} == {"embeddings"}
+        label = raw[0].label if raw[0].image_id == copy_id else matches[0].label
+        same_label.update(learned=sum(m.label == label for m in matches), raw=sum(m.label == label for m in raw))
+        if raw[0].image_id == copy_id:   # a copy the raw embeddings find first is still first
+            first_in_raw += 1
+            assert matches[0].image_id == copy_id
+    assert first_in_raw >= 1 and same_label["learned"] > same_label["raw"]
 
 
 def test_same_results_on_postgresql(sqlite_run, sample_set, pg_url):
@@ -218,4 +252,4 @@ def test_status_shows_how_far_the_pipeline_got(sqlite_run, sample_set):
         parts = dict(conn.execute(sa.select(splits.c.split, sa.func.count()).group_by(splits.c.split)).all())
     assert f"split:    {parts['train']} train, {parts['test']} test" in lines
     steps = [line.split()[0] for line in lines[lines.index("last run of each step:") + 1:]]
-    assert steps == ["load", "hash", "featurize", "dedupe", "split", "train", "evaluate", "rank", "run"]
+    assert steps == ["load", "hash", "featurize", "dedupe", "split", "train", "fit", "evaluate", "rank", "run"]

@@ -26,6 +26,7 @@ from PIL import Image
 
 from lookalike.config import ConfigError
 from lookalike.db import Database
+from lookalike.index import index_dir, rebuild_index
 from lookalike.images import open_image
 from lookalike.plpython import TARGET_MARKER, check_python_version, install, uninstall
 from lookalike.samples import render_samples
@@ -219,6 +220,53 @@ def test_similar_images_from_psql(steps_db, pg_cluster, workspace):
     by_path = psql(pg_cluster, "SELECT image_id FROM lookalike.similar_images(:'query', 10)", steps_db.name,
                    query=query_source)
     assert [int(i) for i in by_path.stdout.splitlines()] == [image_id for image_id, _, _ in expected]
+
+
+@pytest.mark.timeout(300)
+def test_similar_images_maps_the_cli_index_and_sees_rows_added_by_sql(steps_db, pg_cluster):
+    # The CLI's OS user (root here) keeps the index beside the store; the server's may read it, not write it.
+    query = rows(steps_db.url, "SELECT min(image_id) FROM embeddings")[0][0]
+    with Database(steps_db.url) as db:
+        cli = [(m.image_id, round(m.distance, 5)) for m in similar_images(db, query, k=10)]
+        folder = index_dir(db)
+    header = [p.read_bytes() for p in folder.glob("model-*/header.json")]
+    search = "SELECT image_id, distance FROM lookalike.similar_images(%s::bigint, 10)"
+
+    def answer(conn):
+        return [(image_id, round(distance, 5)) for image_id, distance in conn.execute(search, [query])]
+
+    def mapped(conn) -> bool:
+        backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        return f"{folder}/model-" in Path(f"/proc/{backend}/maps").read_text()
+
+    conn = psycopg.connect(pg_cluster.conninfo(steps_db.name), autocommit=True)
+    try:
+        assert answer(conn) == cli and mapped(conn)   # the CLI's file, mapped by the backend
+        # Another writer adds a copy of the query by raw SQL: the procedure sees it; the files stay as they are.
+        conn.execute("INSERT INTO lookalike.images (id, sha256, source, byte_size, status, loaded_at, label) "
+                     "SELECT 100000, repeat('f', 64), 'raw.jpg', byte_size, status, loaded_at, label "
+                     "FROM lookalike.images WHERE id = %s", [query])
+        conn.execute("INSERT INTO lookalike.embeddings (image_id, model_id, vector) "
+                     "SELECT 100000, model_id, vector FROM lookalike.embeddings WHERE image_id = %s", [query])
+        found = answer(conn)
+        assert found == [(100000, 0.0)] + cli[:9] and mapped(conn)
+        assert [p.read_bytes() for p in folder.glob("model-*/header.json")] == header
+        with Database(steps_db.url) as db:   # the CLI agrees (and catches the files up)
+            assert [(m.image_id, round(m.distance, 5)) for m in similar_images(db, query, k=10)] == found
+        # Files the server cannot read: it searches all the same, in a folder of its own, and says why.
+        folder.chmod(0o700)
+        with psycopg.connect(pg_cluster.conninfo(steps_db.name), autocommit=True) as fresh:
+            notices = []
+            fresh.add_notice_handler(lambda diagnostic: notices.append(diagnostic.message_primary))
+            assert answer(fresh) == found and not mapped(fresh)
+        assert any(f"nor read as OS user {server_user(pg_cluster).pw_name}" in n and "temporary folder" in n
+                   for n in notices), notices
+    finally:
+        folder.chmod(0o755)
+        conn.execute("DELETE FROM lookalike.images WHERE id = 100000")   # its embedding goes with it
+        conn.close()
+        with Database(steps_db.url) as db:   # the matrix as it was (later tests compare distances bit for bit)
+            rebuild_index(db)
 
 
 def test_only_granted_roles_run_the_procedures(steps_db, pg_cluster):

@@ -31,7 +31,8 @@ POSITIONAL = {"out_dir": "d", "source": "s", "query": "1", "dest": "d"}
 # CLI arguments that are the front end's own, not the step function's (output, display).
 CLI_ONLY = {"samples": {"sheet"}, "load": {"max_bytes", "timeout", "deadline", "retries"}, "dedupe": {"html"},
             "uniques": {"plot"}, "is-duplicate": {"image"}, "similar": {"sheet", "json"},
-            "duplicates": {"html", "json", "csv", "action"}}
+            "duplicates": {"html", "json", "csv", "action"}, "inspect": {"json", "csv"},
+            "evaluate": {"json"}}
 
 
 def function_of(step):

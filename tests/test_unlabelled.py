@@ -19,6 +19,7 @@ from lookalike.db import images, runs
 from lookalike.export import CSV_MANIFEST, ExportError, export_images
 from lookalike.ingest import load_images
 from lookalike.samples import render_samples
+from support.catalogue import flat_folder
 from support.cli import lookalike
 
 NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "query_similar_images.ipynb"
@@ -30,10 +31,7 @@ def flat(tmp_path_factory):
     """The rendered sample set (4 per label and planted near-copies), its files copied into one flat folder."""
     root = tmp_path_factory.mktemp("unlabelled")
     rendered = render_samples(root / "samples", per_label=4, seed=3, copy_share=0.5)
-    folder = root / "flat"
-    folder.mkdir()
-    for n, path in enumerate(sorted(rendered.root.glob("*/*"))):
-        shutil.copy(path, folder / f"photo{n:03d}{path.suffix}")
+    folder = flat_folder(rendered.root, root / "flat", "photo{:03d}")
     return root, folder, rendered
 
 
@@ -49,7 +47,8 @@ def test_run_on_a_flat_folder_does_the_label_free_steps_and_says_what_it_skipped
     _, folder, rendered = flat
     assert done.code == 0, done.err
     ran_steps = [line.split("]")[0][1:] for line in done.out.splitlines() if line.startswith("[")]
-    assert ran_steps == ["load", "hash", "featurize", "dedupe", "split", "train", "evaluate", "rank"]
+    assert ran_steps == ["load", "hash", "featurize", "index", "dedupe", "fit", "split", "train", "evaluate", "rank"]
+    assert "  fit (efficientnet-lite0): pca fitted," in done.out   # the label-free space, used by similar
     for step in ("split", "train", "evaluate"):
         assert f"[{step}] skipped: no image has a label ({step} needs labels)" in done.out
     assert "[rank] skipped: no query images" in done.out

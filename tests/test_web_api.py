@@ -29,7 +29,7 @@ from lookalike.reports import duplicate_groups_report
 from lookalike.samples import LABELS, SampleSet, render_samples
 from lookalike.search import similar_images
 from lookalike.split import split_images
-from lookalike.web.app import create_app, running_server
+from lookalike.web.app import MAX_K, browse_images, create_app, file_name, running_server
 from support.http import LocalHTTPServer
 
 PER_LABEL = 6  # 3 labels: 18 originals and a couple of near-copies
@@ -334,6 +334,43 @@ def test_image_metadata(client, db, samples):
     assert body["source"] == str(path.resolve()) and body["embedded"] is True
 
 
+def test_images_are_listed_by_label_a_page_at_a_time(client, db):
+    with db.engine.connect() as conn:
+        striped = conn.execute(sa.select(images.c.id).where(images.c.label == "striped", images.c.status == "ok")
+                               .order_by(images.c.id)).scalars().all()
+    pages = [client.get("/api/images", params={"label": "striped", "offset": offset, "limit": 4}).json()
+             for offset in range(0, len(striped), 4)]
+    assert [card["id"] for page in pages for card in page["images"]] == striped
+    assert {page["total"] for page in pages} == {len(striped)}
+    card = pages[0]["images"][0]
+    assert card["label"] == "striped" and card["name"] == Path(card["source"]).name
+    assert card["full_url"] == f"/api/images/{card['id']}/full"
+    assert client.get("/api/images", params={"unlabelled": "true"}).json()["total"] == 0
+    everything = client.get("/api/images", params={"limit": 1000}).json()
+    assert everything["total"] == len(everything["images"]) > len(striped)
+
+
+@pytest.mark.parametrize("params, reason", [
+    ({"label": "striped", "unlabelled": "true"}, "give label or unlabelled, not both"),
+    ({"offset": -1}, "offset: Input should be greater than or equal to 0"),
+    ({"limit": 0}, "limit: Input should be greater than or equal to 1"),
+    ({"label": ""}, "label: String should have at least 1 character"),
+])
+def test_listing_refuses_bad_queries_in_the_one_error_shape(client, params, reason):
+    response = client.get("/api/images", params=params)
+    assert response.status_code == 422 and response.json() == {"error": reason}
+
+
+@pytest.mark.parametrize("source, name", [
+    ("/data/photos/shirt 1.jpg", "shirt 1.jpg"),
+    ("https://shop.example/img/il_570xN.jpg?sig=secret", "il_570xN.jpg"),
+    ("https://shop.example/a%20b.png", "a b.png"),
+    ("https://shop.example/", "https://shop.example/"),
+])
+def test_a_card_names_the_file_of_its_source(source, name):
+    assert file_name(source) == name
+
+
 # ---------------------------------------------------------------- duplicates and collection
 
 def test_duplicate_groups_are_the_latest_dedupe_run(client, db):
@@ -384,6 +421,49 @@ def test_search_page_by_id_links_each_result(client, db, samples):
         assert f'<a href="/?id={image_id}"' in page
 
 
+def test_search_page_filters_by_label_and_keeps_label_and_k_in_its_links(client, db, samples):
+    query_id = stored(db, original(samples, "dotted", 1))
+    page = client.get("/", params={"id": query_id, "k": 3, "label": "striped"}).text
+    expected = [m.image_id for m in similar_images(db, query_id, k=3, label="striped")]
+    assert [int(part.split('"')[0]) for part in page.split('data-image-id="')[2:]] == expected
+    for image_id in expected:
+        assert f'href="/?id={image_id}&amp;k=3&amp;label=striped"' in page  # "similar to this"
+        assert f'href="/images/{image_id}"' in page  # the full-size view
+    assert '<option value="striped" selected>' in page and f'data-option="k" min="1" max="{MAX_K}" value="3"' in page
+
+
+def test_browse_page_pages_through_a_label_with_cards(client, db):
+    first = client.get("/browse", params={"label": "leopard"}).text
+    with db.engine.connect() as conn:
+        rows = conn.execute(sa.select(images.c.id, images.c.source).where(images.c.label == "leopard")
+                            .order_by(images.c.id)).all()
+    for image_id, source in rows:
+        assert f'data-image-id="{image_id}"' in first and f">{Path(source).name}</a>" in first
+    assert 'class="chip active">leopard' in first and f"of {len(rows)} with label" in first
+    assert client.get("/browse", params={"offset": 10**6}).status_code == 200
+    response = client.get("/browse", params={"label": "leopard", "unlabelled": "true"})
+    assert response.status_code == 422 and "give label or unlabelled, not both" in response.text
+
+
+def test_full_size_page_shows_what_the_image_is(client, db, samples):
+    path = original(samples, "striped", 2)
+    image_id = stored(db, path)
+    page = client.get(f"/images/{image_id}").text
+    assert f'src="/api/images/{image_id}/full"' in page and f'href="/?id={image_id}"' in page
+    assert path.name in page and str(path.resolve()) in page and hashlib.sha256(path.read_bytes()).hexdigest() in page
+    response = client.get("/images/987654")
+    assert response.status_code == 404 and "no image with id 987654" in response.text
+
+
+def test_api_docs_come_from_this_server(client):
+    page = client.get("/docs")
+    assert page.status_code == 200 and "/docs/assets/swagger-ui-bundle.js" in page.text
+    assert "//" not in page.text.replace("http://www.w3.org", "")  # no other host named
+    assert "script-src 'self' 'unsafe-inline'" in page.headers["content-security-policy"]
+    assert client.get("/docs/assets/swagger-ui-bundle.js").headers["content-type"].startswith("text/javascript")
+    assert client.get("/redoc").json() == {"error": "Not Found"}
+
+
 def test_search_page_shows_errors_with_their_status(client):
     response = client.get("/", params={"id": "abc"})
     assert response.status_code == 422 and 'role="alert"' in response.text and "id: " in response.text
@@ -394,7 +474,7 @@ def test_search_page_shows_errors_with_their_status(client):
 
 
 def test_pages_send_a_content_security_policy(client):
-    for route in ("/", "/duplicates", "/collection"):
+    for route in ("/", "/duplicates", "/collection", "/browse", "/images/1"):
         response = client.get(route)
         assert response.headers["content-type"].startswith("text/html")
         assert "script-src 'self'" in response.headers["content-security-policy"]
@@ -471,7 +551,14 @@ def test_the_app_works_on_postgresql(pg_url, built, tmp_path):
             assert pg_url.split("@")[-1] not in http.get("/collection").text
             # The largest id the API takes is a plain 404 here too (the id column is narrower).
             largest = [http.get("/api/images/9223372036854775807"), http.post("/api/similar", json={"id": 2**63 - 1})]
+            dotted = http.get("/api/images", params={"label": "dotted", "limit": 1000}).json()
+            beyond = http.get("/api/images", params={"offset": 2**63 - 1}).json()
+            pages = [http.get(route).status_code for route in
+                     ("/browse?label=dotted", f"/images/{query_id}", "/images/9223372036854775807")]
         assert by_upload.status_code == by_id.status_code == 200
+        assert pages == [200, 200, 404] and beyond["images"] == [] and beyond["total"] == health["images"]
+        assert sorted(c["name"] for c in dotted["images"]) == sorted(
+            c.name for c in browse_images(sqlite_db, "dotted", limit=1000).images)
         assert [r.status_code for r in largest] == [404, 404], [r.text for r in largest]
         assert_ranked(by_upload.json(), 10)
         assert query_id not in result_ids(by_id)

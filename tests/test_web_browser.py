@@ -73,7 +73,7 @@ def page(browser):
 
 
 def result_ids(page) -> list[int]:
-    return [int(link.get_attribute("data-image-id")) for link in page.locator("#results li.result a").all()]
+    return [int(card.get_attribute("data-image-id")) for card in page.locator("#results li.result").all()]
 
 
 def test_upload_then_click_a_result(page, site):
@@ -97,7 +97,7 @@ def test_upload_then_click_a_result(page, site):
 
     chosen = result_ids(page)[0]
     with page.expect_navigation():
-        page.locator(f'#results a[data-image-id="{chosen}"]').click()
+        page.locator(f'#results li[data-image-id="{chosen}"] a.similar').click()
     page.wait_for_load_state("networkidle")
     assert re.search(rf"/\?id={chosen}$", page.url)
     assert page.locator("#query").get_attribute("data-image-id") == str(chosen)

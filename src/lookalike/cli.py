@@ -205,6 +205,38 @@ def cmd_export(args) -> int:
     return 130 if summary.interrupted else 1 if summary.failed else 0  # 1: some objects failed, re-run
 
 
+def cmd_inspect(args) -> int:
+    import csv  # lazy, like the step imports
+    import io
+    from .quality import inspect_images  # lazy: a cold --help loads no step
+    with _open_db(args) as db:
+        summary = inspect_images(db, **_kwargs(args, "inspect"), progress=_progress(args))
+    rows = summary.listed.rows
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+    elif args.csv:
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        names = list(rows[0].scores) if rows else []
+        writer.writerow(["image_id", "label", "source", "width", "height", "flags", *names])
+        for r in rows:
+            writer.writerow([r.image_id, r.label or "", r.source, r.width, r.height, " ".join(r.flags),
+                             *(r.scores[n] for n in names)])
+        print(out.getvalue(), end="")
+    else:
+        if rows:
+            print(f"{'image':>7}  {'flags':<24} {'sharp':>6} {'p99':>5} {'p01':>5} {'bits':>5} {'aspect':>6} "
+                  f"{'size':>11}  source")
+        for r in rows:
+            s = r.scores
+            print(f"{r.image_id:>7}  {','.join(r.flags):<24} {s['sharpness']:>6.3f} {s['luminance_p99']:>5.2f} "
+                  f"{s['luminance_p01']:>5.2f} {s['entropy']:>5.2f} {s['aspect']:>6.2f} "
+                  f"{f'{r.width}x{r.height}':>11}  {r.source}")
+    # The summary on stderr when stdout is data, so that a script reads clean JSON or CSV.
+    print("\n".join(summary.lines()), file=sys.stderr if args.json or args.csv else sys.stdout)
+    return 130 if summary.interrupted else 0
+
+
 def cmd_serve(args) -> int:
     import socket
     from .web.app import serve  # lazy: a cold --help loads no step
@@ -274,11 +306,18 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_fit(args) -> int:
+    from .spaces import fit_spaces  # lazy: a cold --help loads no step
+    with _open_db(args) as db:
+        print("\n".join(fit_spaces(db, **_kwargs(args, "fit"), progress=_progress(args)).lines()))
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_model  # lazy: a cold --help loads no step
     with _open_db(args) as db:
         summary = evaluate_model(db, **_kwargs(args, "evaluate"))
-    print("\n".join(summary.lines()))
+    print(json.dumps(summary.as_json(), indent=2) if args.json else "\n".join(summary.lines()))
     return 0
 
 
@@ -314,7 +353,7 @@ def cmd_similar(args) -> int:
     with _open_db(args) as db:
         if given.isdigit():
             _must_exist(db, int(given))
-        matches = _ties_by_id(similar_images(db, **_kwargs(args, "similar")))
+        matches = similar_images(db, **_kwargs(args, "similar"))
         if args.sheet:
             _similar_sheet(db, given, args.query, matches, args.sheet)
     if args.json:
@@ -324,12 +363,14 @@ def cmd_similar(args) -> int:
         for m in matches:
             print(f"{m.rank:>4}  {m.image_id:>7}  {m.label or '':<12} {m.distance:>8.4f} {m.similarity:>10.4f}  "
                   f"{m.source}")
+    if matches and not args.json:
+        print(f"space: {matches[0].space}" + (" (auto)" if args.space == "auto" else ""))
     shared = Counter(_tie_key(m) for m in matches)
     tied = sum(n for n in shared.values() if n > 1)
-    if tied and args.space == "scores":
+    if tied and matches[0].space == "scores":
         print(f"note: {tied} of {len(matches)} results tie: in the scores space an image is its class "
               "probabilities, so images the classifier is equally sure of are equally similar; ties are "
-              "listed by image id (--space embeddings tells them apart)",
+              "listed by image id (--space learned or embeddings tells them apart)",
               file=sys.stderr if args.json else sys.stdout)
     if args.sheet:
         print(f"contact sheet: {args.sheet}", file=sys.stderr if args.json else sys.stdout)
@@ -338,13 +379,6 @@ def cmd_similar(args) -> int:
 
 def _tie_key(match) -> float:
     return -float(f"{match.similarity:.4f}")   # as printed: results that print the same similarity tie
-
-
-def _ties_by_id(matches: list) -> list:
-    """``matches`` with ties ordered by image id, ranks renumbered: the same output on every run."""
-    from dataclasses import replace  # lazy, like the step imports
-    ordered = sorted(matches, key=lambda m: (_tie_key(m), m.image_id))
-    return [replace(m, rank=rank) for rank, m in enumerate(ordered, start=1)]
 
 
 def _must_exist(db, image_id: int) -> None:
@@ -510,7 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     _step_parser(sub, common, "featurize", cmd_featurize)
     _step_parser(sub, common, "split", cmd_split)
     _step_parser(sub, common, "train", cmd_train)
-    _step_parser(sub, common, "evaluate", cmd_evaluate)
+    _step_parser(sub, common, "fit", cmd_fit)
+    p = _step_parser(sub, common, "evaluate", cmd_evaluate)
+    p.add_argument("--json", action="store_true", help="print every space's measures as JSON, the default marked")
 
     p = sub.add_parser("query", parents=[common], help="manage query_images")
     qsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -538,6 +574,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     _step_parser(sub, common, "export", cmd_export)
+
+    p = _step_parser(sub, common, "inspect", cmd_inspect)
+    output = p.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print the flagged images as JSON")
+    output.add_argument("--csv", action="store_true", help="print the flagged images as CSV")
 
     p = sub.add_parser("serve", parents=[common], help="the web page and JSON API")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")

@@ -343,7 +343,7 @@ def _regroup_reviewed(conn: Connection, summary: DedupeSummary, review: Review) 
                                                    duplicate_groups.c.image_id.in_([r.id for r in rows])))
     hashes = hash_matrix(summary.hash_kind, summary.size, max(r.bits for r in rows),
                          [r.hex for r in rows], [r.value for r in rows])
-    _write_groups(conn, summary, rows, keeper_groups(rows, pairs[:, 0], pairs[:, 1], review=review), hashes)
+    _write_groups(conn, summary, rows, keeper_groups(rows, pairs[:, 0], pairs[:, 1], review=review), hashes, review)
 
 
 def hash_matrix(kind: str, size: int, bits: int, hexes: list[str], values: list[int | None]) -> np.ndarray:
@@ -433,13 +433,12 @@ def keeper_groups(rows: list, first: np.ndarray, second: np.ndarray, score: np.n
 
 
 def _write_groups(conn: Connection, summary: DedupeSummary, rows: list, keeper: np.ndarray, hashes: np.ndarray,
-                  decision: dict[tuple[int, int], tuple[float, str]] | None = None) -> None:
+                  review: Review, decision: dict[tuple[int, int], tuple[float, str]] | None = None) -> None:
     grouped = np.flatnonzero(keeper >= 0)
     if grouped.size == 0:
         return
     keepers = keeper[grouped]
     distances = hamming_rows(hashes[grouped], hashes[keepers])
-    review = load_review(conn)
     records = []
     for k, kept, d in zip(grouped.tolist(), keepers.tolist(), distances.tolist()):
         score, method = (None, None)
@@ -475,7 +474,8 @@ def _group_near(conn: Connection, summary: DedupeSummary) -> None:
     if summary.per_label:
         same = _same_label(rows, first, second)
         first, second = first[same], second[same]
-    _write_groups(conn, summary, rows, keeper_groups(rows, first, second, review=load_review(conn)), hashes)
+    review = load_review(conn)
+    _write_groups(conn, summary, rows, keeper_groups(rows, first, second, review=review), hashes, review)
 
 
 # ---- the verified rule -----------------------------------------------------------------
@@ -512,9 +512,10 @@ def _group_verified(conn: Connection, db: Database, summary: DedupeSummary, back
     preference[ambiguous] = [g.correlation if g else 0.0 for g in verifier.geometry(ambiguous)]
     summary.unreadable = len(verifier.cache.unreadable)
     chosen = np.flatnonzero(accepted)
-    keeper = keeper_groups(rows, first[chosen], second[chosen], preference[chosen], load_review(conn))
+    review = load_review(conn)
+    keeper = keeper_groups(rows, first[chosen], second[chosen], preference[chosen], review)
     decision = {(int(first[k]), int(second[k])): (float(score[k]), method[k]) for k in chosen}
-    _write_groups(conn, summary, rows, keeper, hashes, decision)
+    _write_groups(conn, summary, rows, keeper, hashes, review, decision)
 
 
 def _ambiguous(first: np.ndarray, second: np.ndarray, accepted: np.ndarray) -> np.ndarray:

@@ -19,9 +19,12 @@ in its top 10 (|relevant ∩ top10| / R), averaged over queries — at most 10 /
 so below 1 for any label with more than 11 test images. Queries with no other
 image of their label are left out of both.
 
-Both are measured with L2 and cosine distance, in the raw embedding space and
-in the class-score space of the latest classifier trained on those embeddings
-(skipped, with a note, when there is none). Ties in distance are broken
+Both are measured with L2 and cosine distance, in the raw embedding space, in
+the class-score space of the latest classifier trained on those embeddings
+(skipped, with a note, when there is none), and in every similarity space fitted
+on them (:mod:`lookalike.spaces`). The space with the best top-1 (cosine) is
+recorded as the default that ``similar``, ``rank``, the web app and the
+procedures use for ``--space auto``. Ties in distance are broken
 conservatively: a relevant image (the positive) ranks after every
 non-relevant one at the same distance. Draws depend only on the seed and the
 images' sha256, so the same data gives the same pairs in any database.
@@ -41,6 +44,7 @@ from sqlalchemy.engine import Connection
 
 from .db import (Database, embeddings, evaluation_pairs, evaluation_results, evaluations, images,
                  latest_classifier_scores, now, recorded_run, splits, vector_from_bytes)
+from .spaces import fitted_spaces, record_default
 from .errors import BadInput, Precondition
 from .steps import default
 from .features import DEFAULT_BACKBONE, latest_feature_model
@@ -48,7 +52,6 @@ from .features import DEFAULT_BACKBONE, latest_feature_model
 TOP_K = (1, 2, 4, 5, 8, 10, 15, 20, 28, 32)
 RETRIEVAL_K = 10
 METRICS = ("l2", "cosine")
-SPACES = ("embeddings", "scores")
 BLOCK_CELLS = 2**24  # distances per block of retrieval queries: 128 MiB of float64, whatever the test size
 
 
@@ -64,12 +67,23 @@ class EvaluationSummary:
     results: tuple[tuple[str, str, str, float], ...]  # (space, metric, measure, value)
     notes: tuple[str, ...]
     plot: Path | None
+    default_space: str | None = None   # recorded for --space auto; None without ranking-protocol queries
 
     def value(self, space: str, metric: str, measure: str) -> float:
         for row in self.results:
             if row[:3] == (space, metric, measure):
                 return row[3]
         raise KeyError((space, metric, measure))
+
+    def as_json(self) -> dict:
+        """Every space's measures, by space, metric and measure, the default marked."""
+        spaces: dict[str, dict] = {}
+        for space, metric, measure, value in self.results:
+            spaces.setdefault(space, {"default": space == self.default_space}).setdefault(metric, {})[measure] = value
+        return {"evaluation_id": self.evaluation_id, "feature_model": self.feature_model,
+                "classifier_id": self.model_id, "labels": self.labels, "queries": self.queries, "pairs": self.pairs,
+                "test_images": self.test_images, "default_space": self.default_space, "spaces": spaces,
+                "notes": list(self.notes)}
 
     def lines(self) -> list[str]:
         model = f", classifier {self.model_id}" if self.model_id is not None else ""
@@ -86,6 +100,8 @@ class EvaluationSummary:
             cells = [f"{'-':>7}" if c not in values else f"{values[c]:>7.2f}" if "rank" in c
                      else f"{values[c]:>7.3f}" for c in columns]
             out.append(f"  {space:<11}{metric:<7}" + "".join(cells))
+        if self.default_space is not None:
+            out.append(f"  default space: {self.default_space} (best top1, cosine), used where --space is auto")
         out += [f"  note: {note}" for note in self.notes]
         if self.plot is not None:
             out.append(f"  plot: {self.plot}")
@@ -115,6 +131,7 @@ def evaluate_model(db: Database, *, queries_per_label: int = default("evaluate",
             feature_model_id = latest_feature_model(conn, feature_model)
             data, split_params = _load_split(conn, feature_model_id)
             model_id, score_vectors = _load_scores(conn, feature_model_id, data.ids)
+            fitted = fitted_spaces(conn, feature_model_id)
         inputs.update(split=split_params, model_id=model_id)
         notes: list[str] = []
         queries = _draw_queries(data, queries_per_label, negatives_per_query, np.random.default_rng(seed), notes)
@@ -127,6 +144,10 @@ def evaluate_model(db: Database, *, queries_per_label: int = default("evaluate",
                          f"(run `lookalike train` again)")
         else:
             spaces["scores"] = score_vectors
+        for space in fitted:   # the split's images in the space, from the stored parameters
+            spaces[space.name] = space.project(data.vectors)
+        if not fitted:
+            notes.append(f"no similarity space fitted on {feature_model} embeddings: run `lookalike fit`")
         if not queries:
             notes.append("no test image has another image of its label: no ranking-protocol queries")
         test_labels = data.labels[data.is_test]
@@ -141,13 +162,22 @@ def evaluate_model(db: Database, *, queries_per_label: int = default("evaluate",
         if plot is not None:  # before storing: a plot that cannot be written leaves nothing half done
             plot_top_k(results, Path(plot), title=f"Ranking protocol: {len(queries)} queries ({feature_model})")
         evaluation_id = _store(db, feature_model_id, model_id, inputs, notes, data.ids, queries, results)
+        default_space = None
+        if queries:
+            table: dict[str, dict[str, float]] = defaultdict(dict)
+            for space, metric, measure, value in results:
+                if metric == "cosine":
+                    table[space][measure] = value
+            with db.begin() as conn:
+                default_space = record_default(conn, feature_model_id, table, evaluation_id)
         summary = EvaluationSummary(
             evaluation_id=evaluation_id, feature_model=feature_model, model_id=model_id,
             labels=len(set(test_labels)), queries=len(queries),
             pairs=sum(1 + len(negatives) for _, _, negatives in queries), test_images=len(test_labels),
-            results=tuple(results), notes=tuple(notes), plot=Path(plot) if plot is not None else None)
+            results=tuple(results), notes=tuple(notes), plot=Path(plot) if plot is not None else None,
+            default_space=default_space)
         counts.update(evaluation_id=evaluation_id, queries=summary.queries, pairs=summary.pairs,
-                      spaces=list(spaces), notes=len(notes))
+                      spaces=list(spaces), notes=len(notes), default_space=default_space)
     return summary
 
 
@@ -321,7 +351,7 @@ def plot_top_k(results: list[tuple[str, str, str, float]], path: Path, *, title:
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     values = {row[:3]: row[3] for row in results}
-    for space in SPACES:
+    for space in dict.fromkeys(row[0] for row in results):
         for metric in METRICS:
             if (space, metric, "top1") not in values:
                 continue

@@ -36,12 +36,15 @@ class FeaturizeSummary:
     failed: Counter = field(default_factory=Counter)
     seconds: float = 0.0
     interrupted: bool = False
+    projected: int = 0          # new vectors in the fitted similarity spaces (lookalike.spaces)
 
     def lines(self) -> list[str]:
         rate = self.embedded / self.seconds if self.seconds > 0 else 0.0
         out = [f"featurize ({self.model}): {self.embedded} embedded ({rate:.1f} images/s), "
                f"{self.already} already had one, {sum(self.failed.values())} failed"]
         out += [f"  failed: {n:>5}  {reason}" for reason, n in self.failed.most_common()]
+        if self.projected:
+            out.append(f"  {self.projected} vectors projected into the fitted similarity spaces")
         if self.interrupted:
             out.append("interrupted: embeddings written so far are kept; run again to finish")
         return out
@@ -115,6 +118,9 @@ def featurize_images(db: Database, *, backbone: str = DEFAULT_BACKBONE, device: 
         except KeyboardInterrupt:
             summary.embedded += _write(db, pending)
             summary.interrupted = True
+        if not summary.interrupted:   # new images join the fitted spaces, with the stored parameters
+            from .spaces import project_fitted
+            summary.projected = project_fitted(db, model_id)
         summary.seconds = time.monotonic() - started
         counts.update(embedded=summary.embedded, already=summary.already, failed=dict(summary.failed),
                       interrupted=summary.interrupted)

@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import pwd
 import tempfile
 import time
 import uuid
@@ -196,6 +197,7 @@ class MappedIndex:
     matrix: np.ndarray                  # (rows, dim) float32, memory-mapped
     ivf: object | None = None           # faiss index over rows < header.ivf_rows
     use_ivf: bool = True
+    extra: np.ndarray | None = None     # rows after the file's, caught up in this process only (read-only folder)
     _order: np.ndarray = field(init=False, repr=False)     # rows by id, for lookups by binary search
     _sorted: np.ndarray = field(init=False, repr=False)
     _file: object = field(init=False, repr=False)
@@ -243,6 +245,10 @@ class MappedIndex:
     def _read(self, rows: np.ndarray) -> np.ndarray:
         """The given sorted rows of the matrix; the rows after the IVF structure (every query reads them)
         from a copy kept in memory, others each run of consecutive rows in one pread."""
+        mapped = len(self.matrix)
+        if self.extra is not None and len(rows) and rows[-1] >= mapped:
+            split = int(np.searchsorted(rows, mapped))
+            return np.concatenate([self._read(rows[:split]), self.extra[rows[split:] - mapped]])
         if self._file is None:
             return self.matrix[rows]
         start = self.header.ivf_rows if self.ivf is not None else self.header.rows
@@ -254,7 +260,9 @@ class MappedIndex:
     def _tail_rows(self) -> np.ndarray:
         """The rows after the IVF structure, read once."""
         if self._tail is None:
-            self._tail = self._pread(np.arange(self.header.ivf_rows, self.header.rows))
+            self._tail = self._pread(np.arange(self.header.ivf_rows, len(self.matrix)))
+            if self.extra is not None:
+                self._tail = np.concatenate([self._tail, self.extra])
         return self._tail
 
     def _pread(self, rows: np.ndarray) -> np.ndarray:
@@ -297,9 +305,12 @@ class MappedIndex:
         """1 - cosine of ``q`` against sorted ``rows`` (all rows when None), block by block."""
         n = self.header.rows if rows is None else len(rows)
         out = np.empty(n, dtype=np.float32)
-        for lo in range(0, n, BLOCK_ROWS):
-            hi = min(lo + BLOCK_ROWS, n)
+        mapped = len(self.matrix) if rows is None else n
+        for lo in range(0, mapped, BLOCK_ROWS):
+            hi = min(lo + BLOCK_ROWS, mapped)
             out[lo:hi] = (self.matrix[lo:hi] if rows is None else self._read(rows[lo:hi])) @ q
+        if mapped < n:
+            out[mapped:] = self.extra @ q
         return np.subtract(1.0, out, out=out)
 
     def _best(self, rows: np.ndarray, dist: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -398,8 +409,15 @@ def open_index(db: Database, model_id: int, kind: str = "auto", *, private: bool
     opened = _open_files(folder)
     if opened is None or opened.header.generation != current or (_wanted_ivf(opened, kind) and opened.ivf is None) \
             or opened.header.database != db.setting("database_id"):
-        with _locked(folder):
-            opened = update(db, model_id, folder, kind)
+        try:
+            with _locked(folder):
+                opened = update(db, model_id, folder, kind)
+        except IndexUnavailable as exc:
+            # Readable but not writable here (a PL/Python backend, another OS user): the changes since, in memory.
+            if not _catchable(db, model_id, opened):
+                raise IndexUnavailable(f"{exc}, nor read as OS user {pwd.getpwuid(os.geteuid()).pw_name} (it "
+                                       f"needs r-x on the folders and r on the files to share the index)") from None
+            opened = _caught_up_in_memory(db, opened, current)
     if kind == "ivf" and opened.ivf is None:
         raise BadInput(f"an IVF index needs at least 1000 vectors to train, got {len(opened)}")
     opened.use_ivf = kind != "exact"
@@ -496,7 +514,7 @@ def _locked(folder: Path) -> Iterator[None]:
     """The folder's writer lock (another process's build is waited for, at most LOCK_WAIT_S)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / "lock", os.O_RDWR | os.O_CREAT, 0o664)
+        fd = os.open(folder / "lock", os.O_RDONLY | os.O_CREAT, 0o664)   # flock needs no write access
     except OSError as exc:
         raise IndexUnavailable(f"cannot write the vector index in {folder}: {exc.strerror or exc}") from None
     try:
@@ -599,10 +617,9 @@ def _build(db: Database, folder: Path, h: Header) -> MappedIndex:
     return _commit(folder, h, _append(path, 0, h.dim, _embedding_chunks(db, h.model_id, h.dim)))
 
 
-def _catch_up(db: Database, index: MappedIndex, current: int) -> MappedIndex:
-    """Apply the changes logged after the index's generation: each changed id's row dies, its current vector
-    (if it still has one) is appended. Idempotent, so changes committed meanwhile are simply seen again."""
-    h = Header(**asdict(index.header))
+def _changed(db: Database, index: MappedIndex, current: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids changed after the index's generation up to ``current``, row ids with their old rows marked dead)."""
+    h = index.header
     with db.engine.connect() as conn:
         changed = np.array(sorted(conn.execute(
             sa.select(embedding_changes.c.image_id.distinct()).where(
@@ -611,6 +628,36 @@ def _catch_up(db: Database, index: MappedIndex, current: int) -> MappedIndex:
     row_ids = index.row_ids.copy()
     dying = index.rows_of(changed)
     row_ids[dying[dying >= 0]] = -1
+    return changed, row_ids
+
+
+def _catchable(db: Database, model_id: int, index: MappedIndex | None) -> bool:
+    """Whether ``index`` (opened, maybe stale) can be caught up from the change log: same database and weights,
+    and the log not pruned past it."""
+    if index is None or index.header.database != db.setting("database_id") \
+            or index.header.weights_sha256 != _model(db, model_id)[0]:
+        return False
+    with db.engine.connect() as conn:
+        return index.header.generation >= generation(conn, model_id)[1]
+
+
+def _caught_up_in_memory(db: Database, index: MappedIndex, current: int) -> MappedIndex:
+    """``index`` with the changes after its generation applied in this process only (its files stay as they are)."""
+    h = Header(**asdict(index.header))
+    changed, row_ids = _changed(db, index, current)
+    chunks = list(_embedding_chunks(db, h.model_id, h.dim, changed))
+    added = np.concatenate([ids for ids, _ in chunks]) if chunks else np.zeros(0, dtype=np.int64)
+    extra = np.concatenate([rows for _, rows in chunks]) if chunks else np.zeros((0, h.dim), dtype=np.float32)
+    row_ids = np.concatenate([row_ids, added])
+    h.generation, h.rows, h.live = current, len(row_ids), int((row_ids >= 0).sum())
+    return MappedIndex(index.folder, h, row_ids, index.matrix, index.ivf, extra=extra)
+
+
+def _catch_up(db: Database, index: MappedIndex, current: int) -> MappedIndex:
+    """Apply the changes logged after the index's generation: each changed id's row dies, its current vector
+    (if it still has one) is appended. Idempotent, so changes committed meanwhile are simply seen again."""
+    h = Header(**asdict(index.header))
+    changed, row_ids = _changed(db, index, current)
     added = _append(index.folder / f"vectors.{h.epoch}.f32", h.rows, h.dim,
                     _embedding_chunks(db, h.model_id, h.dim, changed))
     row_ids = np.concatenate([row_ids, added])
@@ -713,6 +760,8 @@ class IndexStatus:
         return self.generation == self.database_generation
 
     def lines(self) -> list[str]:
+        if self.generation < 0:   # no files: never built, or the folder cannot be written
+            return [f"index {self.folder} ({self.model}): {self.kind}"]
         state = "fresh" if self.fresh else f"stale (the database is at generation {self.database_generation})"
         out = [f"index {self.folder} ({self.model}): {self.kind}, {self.vectors} vectors in {self.rows} rows, "
                f"{self.bytes / 2**20:.1f} MiB, generation {self.generation}, {state}"]
@@ -739,6 +788,24 @@ def index_status(db: Database, *, backbone: str = DEFAULT_BACKBONE) -> IndexStat
     size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
     return IndexStatus(str(folder), backbone, opened.kind, len(opened), opened.header.rows, size,
                        opened.generation, current, opened.recall())
+
+
+def refresh_index(db: Database, *, backbone: str = DEFAULT_BACKBONE, index: str = INDEX_KIND.default) -> IndexStatus:
+    """Build the index of ``backbone``'s latest model, or catch it up, so the next search opens it ready
+    (`lookalike run` does this after featurize); its status without the recall sample."""
+    model_id = _latest_model(db, backbone)
+    folder = index_dir(db) / f"model-{model_id}"
+    try:
+        opened = open_index(db, model_id, index)
+    except IndexUnavailable as exc:   # not worth failing a run for: each search indexes in memory instead
+        return IndexStatus(str(folder), backbone, f"not kept ({exc}): each search indexes in memory", 0, 0, 0,
+                           -1, -1, None)
+    if opened.extra is not None:
+        return IndexStatus(str(folder), backbone, "read-only here: each search applies the changes since in memory",
+                           0, 0, 0, -1, -1, None)
+    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    return IndexStatus(str(folder), backbone, opened.kind, len(opened), opened.header.rows, size,
+                       opened.generation, opened.generation, None)
 
 
 def rebuild_index(db: Database, *, backbone: str = DEFAULT_BACKBONE, index: str = INDEX_KIND.default) -> IndexStatus:

@@ -48,13 +48,14 @@ def run_pipeline(db: Database, source: str | Path | None = None, *, progress: bo
     e.g. ``seed``, ``test_ratio``, ``dedupe_rule``, ``top``); the signature below lists them with
     their defaults.
     """
-    from .classify import train_classifier
     from .dedupe import dedupe_images
     from .evaluate import evaluate_model
     from .features import featurize_images
     from .hashing import hash_images
+    from .index import refresh_index
     from .ingest import load_images
     from .search import rank_queries
+    from .spaces import fit_spaces
     from .split import split_images
 
     given = RUN_SIGNATURE.bind(db, source, progress=progress, **options)  # TypeError for an unknown option
@@ -89,14 +90,20 @@ def run_pipeline(db: Database, source: str | Path | None = None, *, progress: bo
                 step("featurize", lambda: featurize_images(db, **{**kwargs("featurize"),
                                                                   "backbone": values["dedupe_backbone"]},
                                                            progress=progress))
+            # Now, not on the first search after the run: build the vector index or catch it up.
+            step("index", lambda: refresh_index(db, backbone=values["backbone"]))
             step("dedupe", lambda: dedupe_images(db, **kwargs("dedupe"), progress=progress))
             if has_labels(db):
                 step("split", lambda: split_images(db, **kwargs("split")))
+                from .classify import train_classifier   # here: scikit-learn and skops only where there are labels
                 step("train", lambda: train_classifier(db, **kwargs("train")))
+                step("fit", lambda: fit_spaces(db, **kwargs("fit"), progress=progress))
                 step("evaluate", lambda: evaluate_model(db, **kwargs("evaluate")))
             else:   # a catalogue without labels: similar, duplicates and export need none of these
                 summary.skipped += [(name, f"no image has a label ({name} needs labels)")
-                                    for name in ("split", "train", "evaluate")]
+                                    for name in ("split", "train")]
+                step("fit", lambda: fit_spaces(db, **kwargs("fit"), progress=progress))   # the label-free space
+                summary.skipped.append(("evaluate", "no image has a label (evaluate needs labels)"))
             default_queries(db)
             if has_queries(db):
                 step("rank", lambda: rank_queries(db, **kwargs("rank")))

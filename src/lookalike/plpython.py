@@ -18,7 +18,6 @@ Two halves:
 
 from __future__ import annotations
 
-import compileall
 import ctypes
 import hashlib
 import importlib
@@ -46,7 +45,6 @@ from sqlalchemy.dialects import postgresql
 from .config import ConfigError, mask_secrets, parse_db_url, resolve_db_url
 from .db import PG_SCHEMA, Database, settings
 from .errors import BadInput, LookalikeError, describe
-from .net import private_urls_allowed_here
 from .steps import PREPARED_DEFAULTS, ROUTINES, STEPS, procedures_sql as routines_sql, \
     routine as registry_routine
 
@@ -430,6 +428,7 @@ def _copy_packages(dists: list[importlib.metadata.Distribution], stage: Path, ta
     package = Path(__file__).resolve().parent
     shutil.copytree(package, stage / package.name, ignore=shutil.ignore_patterns("__pycache__"),
                     copy_function=shutil.copy2)
+    import compileall   # install only: not among a backend's first imports
     compileall.compile_dir(stage / package.name, ddir=str(target / package.name), quiet=2, workers=1)
     for path in (stage / package.name).rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)
@@ -605,6 +604,7 @@ def similar(plpy, store: str, query: int | str | None, k: int | None) -> tuple[l
     in a transaction that has changed anything or holds locks beyond reading: it
     could not see those changes, and would wait for those locks forever.
     """
+    from .net import private_urls_allowed_here   # lazy, as the search's: a by-id query imports no HTTP client
     from .search import similar_images
     interrupts = _Interrupts()
     rows, failure = [], None
@@ -614,8 +614,9 @@ def similar(plpy, store: str, query: int | str | None, k: int | None) -> tuple[l
                                  "see or would wait for (it reads through its own connection): commit first, "
                                  "or ask in a transaction of its own", "25001")
         _check_params("similar_images", {"query": query, "k": k})
-        matches = _watched(interrupts, lambda: similar_images(_server_database(plpy, store), query, k=k,
-                                                              allow_private=private_urls_allowed_here()))
+        with _notices(plpy, interrupts):   # e.g. that the vector index cannot be read here, and the fallback
+            matches = _watched(interrupts, lambda: similar_images(_server_database(plpy, store), query, k=k,
+                                                                  allow_private=private_urls_allowed_here()))
         rows = [(m.rank, m.image_id, m.label, m.distance, m.similarity, m.source) for m in matches]
     except KeyboardInterrupt:
         failure = ProcedureError("interrupted", "57014")  # query_canceled, when the server says no more

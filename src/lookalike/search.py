@@ -1,8 +1,10 @@
 """Rank and query steps: the top-K most similar stored images for a query.
 
-Two spaces: ``embeddings`` (the CNN vectors, default) and ``scores`` (the
-classifier's class probabilities, what the original solution ranked in).
-Distances are cosine distances; similarity = 1 − distance.
+Spaces: ``embeddings`` (the CNN vectors), ``scores`` (the classifier's class
+probabilities, what the original solution ranked in), and the spaces fitted on
+the collection, ``pca`` and ``learned`` (:mod:`lookalike.spaces`). ``auto``,
+the default, is the space the evaluate step measured best. Distances are cosine
+distances; similarity = 1 − distance; equal distances are ordered by image id.
 
 - :func:`similar_images` — one query: a stored image id, a path, a URL or bytes.
 - :func:`add_queries` / :func:`rank_queries` — the batch form: ``query_images``
@@ -16,21 +18,26 @@ import os
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import sqlalchemy as sa
 
-from .db import (Database, images, latest_classifier_scores, non_keepers, now, query_images, ranking_results,
-                 recorded_run, scores, vector_from_bytes)
+from .db import (Database, embeddings, images, latest_classifier_scores, non_keepers, now, query_images,
+                 ranking_results, recorded_run, scores, vector_from_bytes)
 from .errors import BadInput, NotFound, Precondition
 from .features import DEFAULT_BACKBONE, latest_feature_model
 from .index import IndexUnavailable, generation, open_index
-from .net import FetchError, FetchLimits, fetch_one
+from .spaces import BUILT_IN, FITTED, Space, fitted_id, load_space, resolve_space, space_matrix
 from .steps import check, default
 from .store import sha256_hex
 from .vectors import build_index
 
-SPACES = ("embeddings", "scores")
+if TYPE_CHECKING:
+    from .net import FetchLimits
+
+SPACES = BUILT_IN + FITTED
+TIE_DECIMALS = 6   # distances equal to this many places tie, listed by image id: float noise must not order them
 log = logging.getLogger(__name__)
 
 
@@ -42,13 +49,15 @@ class Match:
     distance: float
     similarity: float
     source: str
+    space: str = "embeddings"   # the space that answered
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 class Collection:
-    """What one space offers to search: the persistent index (embeddings) or the class scores in memory.
+    """What one space offers to search: the persistent index (embeddings), or in memory the class scores or a
+    fitted space's vectors (images featurized since the fit are projected with its stored parameters).
 
     Labels and sources are read from the database for the results only, never for the whole collection.
     """
@@ -58,11 +67,17 @@ class Collection:
         if space not in SPACES:
             raise BadInput(f"space must be one of {SPACES}, not {space!r}")
         self.db, self.space, self.backbone = db, space, backbone
+        self.fitted: Space | None = None
         with db.engine.connect() as conn:
             self.feature_model_id = latest_feature_model(conn, backbone)
             self.classifier_id = None
             if space == "scores":
                 self.classifier_id, ids, matrix = _load_scores(conn, self.feature_model_id)
+            elif space in FITTED:
+                self.fitted = load_space(conn, space, self.feature_model_id)
+                if self.fitted is None:
+                    raise Precondition(f"no {space} space fitted on {backbone} embeddings: run `lookalike fit`")
+                ids, matrix = _fitted_vectors(conn, self.fitted)
             self.version = _version(conn, space, self.feature_model_id, self.classifier_id)
         if space == "embeddings":
             try:
@@ -70,8 +85,10 @@ class Collection:
             except IndexUnavailable as exc:   # a read-only folder: this process indexes in a private one
                 log.warning("%s; indexing in a temporary folder instead", exc)
                 self.index = open_index(db, self.feature_model_id, index, private=True)
-        else:
+        elif space == "scores":
             self.index = build_index(ids, _unit(matrix), kind="exact")   # a few class columns: exact is instant
+        else:
+            self.index = build_index(ids, matrix, kind=index)
         if len(self.index) == 0:
             needs = "featurize and train" if space == "scores" else "featurize"
             raise Precondition(f"no stored {space} to search: run {needs}")
@@ -111,18 +128,21 @@ class Collection:
             found, dists = self.index.search(_unit(vector.reshape(1, -1)), k, exclude=[exclude], allowed=allowed)
             found_ids, distances = found[0][found[0] >= 0], dists[0][found[0] >= 0]
         rows = self.labels(found_ids)
+        ordered = sorted(zip(found_ids.tolist(), distances.tolist()),
+                         key=lambda pair: (round(pair[1], TIE_DECIMALS), pair[0]))
         out = []
-        for rank, (image_id, distance) in enumerate(zip(found_ids.tolist(), distances.tolist()), start=1):
+        for rank, (image_id, distance) in enumerate(ordered, start=1):
             label_of, source = rows.get(image_id, (None, ""))
-            out.append(Match(rank, image_id, label_of, float(distance), float(1.0 - distance), source))
+            out.append(Match(rank, image_id, label_of, float(distance), float(1.0 - distance), source, self.space))
         return out
 
     def stored_vector(self, image_id: int) -> np.ndarray:
         if self.space == "embeddings":
             vector = self.index.vector(image_id)
         else:
-            row = self.index.rows_of([image_id])[0]   # ExactIndex
-            vector = None if row < 0 else self.index.vectors[row]
+            exact = getattr(self.index, "exact", self.index)   # an IVF index keeps its vectors in an exact one
+            row = exact.rows_of([image_id])[0]
+            vector = None if row < 0 else exact.vectors[row]
         if vector is None:
             raise NotFound(f"image {image_id} has no stored {self.space} vector")
         return vector
@@ -139,6 +159,8 @@ def collection(db: Database, space: str = "embeddings", backbone: str = DEFAULT_
     ``index``: "exact", "ivf" (FAISS, approximate) or "auto" (IVF from 200,000 vectors). For the
     embeddings the check is one row (the generation counter) and the index catches up incrementally.
     """
+    with db.engine.connect() as conn:   # auto: the space evaluate recorded as best (one settings row)
+        space = resolve_space(conn, space, latest_feature_model(conn, backbone))
     key = (db.masked_url, str(db.store.root), space, backbone, index)
     with _cache_lock:
         cached = _cache.get(key)
@@ -154,6 +176,8 @@ def collection(db: Database, space: str = "embeddings", backbone: str = DEFAULT_
 def _version(conn, space: str, feature_model_id: int, classifier_id: int | None) -> tuple:
     if space == "embeddings":   # O(1): the counter the triggers on embeddings bump
         return (space, feature_model_id, generation(conn, feature_model_id)[0])
+    if space in FITTED:         # a refit is a new row; a new embedding bumps the counter
+        return (space, fitted_id(conn, space, feature_model_id), generation(conn, feature_model_id)[0])
     count, top = conn.execute(sa.select(sa.func.count(), sa.func.max(scores.c.image_id))
                               .where(scores.c.model_id == classifier_id)).one()
     return (space, feature_model_id, classifier_id, count, top)
@@ -168,6 +192,25 @@ def _load_scores(conn, feature_model_id: int):
     return model_id, ids, matrix
 
 
+def _fitted_vectors(conn, space: Space) -> tuple[np.ndarray, np.ndarray]:
+    """The space's stored vectors, plus those of embeddings added since, projected here (not stored: a
+    search writes nothing; featurize stores them)."""
+    from .features import load_embeddings
+    ids, matrix = space_matrix(conn, space)
+    stored = np.array(conn.execute(sa.select(embeddings.c.image_id).where(
+        embeddings.c.model_id == space.feature_model_id)).scalars().all(), dtype=np.int64)
+    missing = np.setdiff1d(stored, ids)
+    if not len(missing):
+        return ids, matrix
+    new_ids, new_vectors = load_embeddings(conn, space.feature_model_id, missing)
+    projected = space.project(new_vectors)
+    if not len(ids):
+        return new_ids, projected
+    joined_ids = np.concatenate([ids, new_ids])
+    order = np.argsort(joined_ids, kind="stable")
+    return joined_ids[order], np.concatenate([matrix, projected])[order]
+
+
 def _unit(matrix: np.ndarray) -> np.ndarray:
     matrix = np.asarray(matrix, dtype=np.float32)
     norms = np.linalg.norm(matrix, axis=-1, keepdims=True)
@@ -180,6 +223,7 @@ def query_bytes(query: str | Path | bytes, limits: FetchLimits | None = None, *,
     """The bytes of a query image given as bytes, a path or a URL (through :func:`lookalike.net.fetch_one`)."""
     if isinstance(query, bytes):
         return query
+    from .net import FetchError, FetchLimits, fetch_one   # lazy: a by-id search imports no HTTP client
     limits = limits or FetchLimits()
     try:
         # abspath, not resolve: no file-system call, so a name the locale cannot encode still reaches fetch
@@ -201,6 +245,8 @@ def query_vector(db: Database, coll: Collection, data: bytes) -> tuple[np.ndarra
     embedding = load_backbone(coll.backbone).embed([open_image(data, max_pixels=QUERY_MAX_PIXELS)])
     if coll.space == "embeddings":
         return embedding[0], None
+    if coll.fitted is not None:
+        return coll.fitted.project(embedding)[0], None
     from .classify import load_classifier  # lazy: scikit-learn only for a query in scores space
     estimator, _classes, _row = load_classifier(db, coll.classifier_id)
     return estimator.predict_proba(embedding)[0].astype(np.float32), None
@@ -281,6 +327,8 @@ def rank_queries(db: Database, *, top: int = default("rank", "top"), space: str 
     check("rank", top=top)
     with recorded_run(db, "rank", {"top": top, "space": space, "backbone": backbone}) as counts:
         coll = collection(db, space, backbone)
+        space = coll.space   # auto resolved: results are stored under the space that answered
+        counts.update(space=space)
         with db.engine.connect() as conn:
             queries = conn.execute(sa.select(query_images.c.id, query_images.c.sha256, query_images.c.image_id)
                                    .order_by(query_images.c.id)).all()

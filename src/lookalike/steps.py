@@ -92,8 +92,10 @@ SEED = Param("seed", int, 0, "random seed")
 BACKBONE = Param("backbone", str, DEFAULT_BACKBONE,
                  "efficientnet-lite0 (whole image) or efficientnet-lite0-texture (centre, no colour)")
 FEATURE_MODEL = replace(BACKBONE, name="feature_model", flag="--backbone", run="backbone")
-SPACE = Param("space", str, "embeddings", "rank in CNN embeddings or classifier scores",
-              choices=("embeddings", "scores"))
+SPACE = Param("space", str, "auto", "auto: the space evaluate measured best (else pca where fitted, else "
+              "embeddings); embeddings: the CNN vectors; pca: fitted on the collection, label-free; learned: "
+              "fitted on the train split's labels; scores: the classifier's class probabilities",
+              choices=("auto", "embeddings", "pca", "learned", "scores"))
 DEVICE = Param("device", str, "cpu", "cpu or cuda")
 RULE = Param("rule", str, "verified", "verified: hash and embedding candidates, each checked; exact: equal "
              "hashes, in SQL; near: within --max-distance bits", choices=("verified", "exact", "near"),
@@ -152,6 +154,9 @@ STEPS: dict[str, Step] = {step.name: step for step in [
     Step("train", "classify.train_classifier", "train the classifier on the training embeddings", (
         FEATURE_MODEL, SEED, Param("cv_folds", int, 5, "cross-validation folds for the regularisation",
                                    bounds=(2, 100)))),
+    Step("fit", "spaces.fit_spaces", "fit the similarity spaces on the collection: pca (label-free), learned "
+         "(on the train split's labels, where there are two or more)", (
+        BACKBONE, SEED)),
     Step("evaluate", "evaluate.evaluate_model", "the ranking protocol: top-k accuracy, mAP, recall", (
         FEATURE_MODEL,
         Param("queries_per_label", int, 20, "query images per label", bounds=(1, 10_000)),
@@ -183,6 +188,11 @@ STEPS: dict[str, Step] = {step.name: step for step in [
               "environment variable holding the storage connection string"),
         Param("force", bool, False, "overwrite a manifest.csv or transferimages.txt that lookalike did not "
               "write"))),
+    Step("inspect", "quality.inspect_images", "image-quality report: score images not inspected yet, store the "
+         "scores, list the flagged ones", (
+        Param("all_images", bool, False, "inspect every image again, not only new ones", flag="--all"),
+        Param("flag", str, None, "list only images with this flag (default: any flag)",
+              choices=("blurry", "dark", "bright", "low-information", "odd-aspect", "tiny")))),
 ]}
 
 # `lookalike duplicates ACTION`: reviewing the latest run's groups (the web page's buttons call the same).
@@ -211,7 +221,7 @@ INDEX_ACTIONS: dict[str, Step] = {step.name: step for step in [
 
 # `lookalike run`: these steps in this order (featurize before dedupe: the verified rule compares
 # embeddings). Its options are theirs, by run name; one option may feed several steps (seed, backbone).
-RUN_STEPS = ("load", "hash", "featurize", "dedupe", "split", "train", "evaluate", "rank")
+RUN_STEPS = ("load", "hash", "featurize", "dedupe", "split", "train", "fit", "evaluate", "rank")
 RUN_SOURCE = Param("source", str, None, "folder or manifest to load first", flag="")
 
 

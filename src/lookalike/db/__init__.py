@@ -17,7 +17,8 @@ from .queries import (dedupe_run_rows, duplicates_by_label, embedding_counts, gr
 from .records import committed_since, now, recorded_run, to_json, vector_bytes, vector_from_bytes
 from .schema import (PG_SCHEMA, dedupe_runs, duplicate_decisions, duplicate_groups, embeddings, evaluation_pairs,
                      evaluation_results, evaluations, feature_models, hashed_images, image_hashes, image_sources, images, metadata,
-                     models, query_images, ranking_results, runs, scores, settings, splits)
+                     models, query_images, ranking_results, runs, scores, settings, similarity_spaces,
+                     space_vectors, splits)
 from .views import VIEWS, ensure_views, hamming_sql, image_dhash, register_sqlite_functions, unique_images
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "committed_since", "now", "recorded_run", "to_json", "vector_bytes", "vector_from_bytes",
     "PG_SCHEMA", "dedupe_runs", "duplicate_decisions", "duplicate_groups", "embeddings", "evaluation_pairs",
     "evaluation_results", "evaluations", "feature_models", "hashed_images", "image_hashes", "image_sources", "images", "metadata",
-    "models", "query_images", "ranking_results", "runs", "scores", "settings", "splits",
+    "models", "query_images", "ranking_results", "runs", "scores", "settings", "similarity_spaces",
+    "space_vectors", "splits",
     "VIEWS", "ensure_views", "hamming_sql", "image_dhash", "register_sqlite_functions", "unique_images",
 ]

@@ -245,6 +245,25 @@ scores = sa.Table(
     sa.Column("vector", sa.LargeBinary, nullable=False),  # float32 class probabilities, in models.classes order
 )
 
+# ---- fit step (lookalike.spaces): similarity spaces fitted on the collection, and every image's vector in them.
+similarity_spaces = sa.Table(
+    "similarity_spaces", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(16), nullable=False),     # pca | learned
+    sa.Column("feature_model_id", sa.Integer, sa.ForeignKey("feature_models.id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("params", sa.LargeBinary, nullable=False),  # .npz: each part's mean, matrix and weight
+    sa.Column("checksum", sa.String(64), nullable=False), # sha256 of params
+    sa.Column("fitted_on", sa.Text, nullable=False),      # JSON: images, labels, seed
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+space_vectors = sa.Table(
+    "space_vectors", metadata,
+    sa.Column("space_id", sa.Integer, sa.ForeignKey("similarity_spaces.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("image_id", sa.Integer, sa.ForeignKey("images.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("vector", sa.LargeBinary, nullable=False),  # float32, unit length
+)
+
 # ---- evaluate step: the ranking protocol's pairs and results.
 evaluations = sa.Table(
     "evaluations", metadata,
@@ -264,7 +283,7 @@ evaluation_pairs = sa.Table(
 evaluation_results = sa.Table(
     "evaluation_results", metadata,
     sa.Column("evaluation_id", sa.Integer, sa.ForeignKey("evaluations.id", ondelete="CASCADE"), primary_key=True),
-    sa.Column("space", sa.String(16), primary_key=True),   # embeddings | scores
+    sa.Column("space", sa.String(16), primary_key=True),   # embeddings | scores | pca | learned
     sa.Column("metric", sa.String(8), primary_key=True),   # cosine | l2
     sa.Column("measure", sa.String(16), primary_key=True), # top1 … top32, mean_rank, median_rank, map@10, recall@10
     sa.Column("value", sa.Float, nullable=False),
@@ -286,6 +305,27 @@ ranking_results = sa.Table(
     sa.Column("rank", sa.Integer, primary_key=True),
     sa.Column("image_id", sa.Integer, sa.ForeignKey("images.id", ondelete="CASCADE"), nullable=False),
     sa.Column("distance", sa.Float, nullable=False),
+)
+
+# ---- inspect step (lookalike.quality): one row per image, replaced when it is inspected again.
+image_quality = sa.Table(
+    "image_quality", metadata,
+    sa.Column("image_id", sa.Integer, sa.ForeignKey("images.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("status", sa.String(8), nullable=False),    # 'ok' | 'failed' (reason says why)
+    sa.Column("reason", sa.Text),
+    sa.Column("sharpness", sa.Float),                     # Laplacian variance / grey variance, on the thumbnail
+    sa.Column("brightness", sa.Float),                    # mean luminance, 0..1
+    sa.Column("dark_share", sa.Float),                    # share of near-black pixels
+    sa.Column("bright_share", sa.Float),                  # share of near-white pixels
+    sa.Column("luminance_p01", sa.Float),                 # 1st percentile of luminance
+    sa.Column("luminance_p99", sa.Float),                 # 99th percentile of luminance
+    sa.Column("entropy", sa.Float),                       # bits, grey histogram
+    sa.Column("aspect", sa.Float),                        # short side / long side
+    sa.Column("pixels", sa.BigInteger),                   # width x height
+    sa.Column("flags", sa.Text),                          # e.g. 'blurry,dark'; '' when clean; NULL when failed
+    sa.Column("method", sa.String(64), nullable=False),   # how the scores were made (quality.METHOD)
+    sa.Column("inspected_at", sa.DateTime(timezone=True), nullable=False),
+    sa.CheckConstraint("status IN ('ok', 'failed')", name="image_quality_status"),
 )
 
 # ---- every step records what it did (the DBA's audit trail).

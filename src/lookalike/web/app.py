@@ -1,10 +1,13 @@
 """Serve step: the web pages and the JSON API over one lookalike database.
 
 Pages are rendered on the server (Jinja2) with a little vanilla JS: ``/`` finds
-the stored images most like an upload, a URL or a stored image; ``/duplicates``
-shows a dedupe run's groups; ``/collection`` shows what is stored, the unique
-images per hash size and the last evaluation. The JSON API lives under ``/api``
-and is described at ``/docs`` (OpenAPI).
+the stored images most like an upload, a URL or a stored image (within a label, if
+asked); ``/browse`` pages through the images of a label; ``/images/{id}`` is one
+image at full size with all that is known of it; ``/duplicates`` shows a dedupe
+run's groups; ``/collection`` shows what is stored, the unique images per hash
+size and the last evaluation. Every image appears on a card (``_macros.html``).
+The JSON API lives under ``/api`` and is described at ``/docs`` (OpenAPI, with
+Swagger UI served from local files).
 
 Safety rules, all enforced here:
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import logging
 import socket
 import tempfile
@@ -36,15 +40,16 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal, get_args
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import unquote, urlencode, urlsplit
 
 import numpy as np
 import sqlalchemy as sa
 from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, PackageLoader, select_autoescape
@@ -53,11 +58,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__, reports, review
+from .. import __version__, quality, reports, review
 from ..backbones import load_backbone
 from ..config import mask_secrets
-from ..db import (Database, dedupe_run_rows, embedding_counts, embeddings, hashed_images, images, latest_evaluation,
-                  runs)
+from ..db import (Database, dedupe_run_rows, embedding_counts, embeddings, hashed_images, image_sources, images,
+                  latest_evaluation, runs)
 from ..dedupe import unique_counts
 from ..errors import LookalikeError
 from ..evaluate import RETRIEVAL_K, TOP_K
@@ -77,17 +82,26 @@ DEFAULT_K = default("similar", "k")
 MAX_K = STEPS["similar"].param("k").bounds[1]
 PICKER_IMAGES = 24        # stored images offered on the search page
 GROUPS_PER_PAGE = 40
+IMAGES_PER_PAGE = 48      # the browse page's cards; also /api/images' default limit
+SOURCES_SHOWN = 20        # of an image's sources, on its full-size page
 MIME_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "GIF": "image/gif",
               "WEBP": "image/webp", "BMP": "image/bmp", "TIFF": "image/tiff"}
-# Our pages load nothing from elsewhere and run no inline script; /docs (FastAPI's Swagger page) is left out.
+# Our pages load nothing from elsewhere and run no inline script. /docs (FastAPI's Swagger page, its
+# assets served from the fastapi-offline package) needs its one inline script and inline styles.
 PAGE_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
                "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+DOCS_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+               "script-src 'self' 'unsafe-inline'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 Space = Literal[STEPS["similar"].param("space").choices]
 DEFAULT_SPACE = default("similar", "space")
 KParam = Annotated[int, Query(ge=1, le=MAX_K, description="how many similar images")]
 MAX_ID = 2**63 - 1  # ids are signed 64-bit integers in every database we run on
+MAX_LABEL = 256     # characters of a label filter
 ImageIdParam = Annotated[int, PathParam(ge=1, le=MAX_ID, description="id of a stored image")]
 RunIdParam = Annotated[int | None, Query(ge=1, le=MAX_ID, description="id of a dedupe run (default: the latest)")]
+LabelParam = Annotated[str | None, Query(min_length=1, max_length=MAX_LABEL, description="only images with this label")]
+UnlabelledParam = Annotated[bool, Query(description="only images without a label")]
+OffsetParam = Annotated[int, Query(ge=0, le=MAX_ID, description="how many to skip")]
 Sort = Literal[STEPS["duplicates"].param("sort").choices]
 SortParam = Annotated[Sort, Query(description="size: largest groups first; doubt: lowest score first; id")]
 DEFAULT_SORT = default("duplicates", "sort")
@@ -125,8 +139,8 @@ class SimilarRequest(BaseModel):
     url: str | None = Field(None, description="http(s) URL of an image", examples=["https://example.com/shirt.jpg"])
     id: int | None = Field(None, ge=1, le=MAX_ID, description="id of a stored image", examples=[123])
     k: int = Field(DEFAULT_K, ge=1, le=MAX_K, description="how many similar images")
-    space: Space = Field(DEFAULT_SPACE, description="embeddings (CNN vectors) or scores (classifier classes)")
-    label: str | None = Field(None, min_length=1, max_length=256,
+    space: Space = Field(DEFAULT_SPACE, description=STEPS["similar"].param("space").help)
+    label: str | None = Field(None, min_length=1, max_length=MAX_LABEL,
                               description="only images with this label (still k of them)")
 
 
@@ -170,6 +184,29 @@ class ImageMeta(BaseModel):
     loaded_at: str
     embedded: bool = Field(description="has an embedding (so it can be a query by id)")
     thumbnail_url: str
+
+
+class ImageCard(BaseModel):
+    """What a page's card shows of a stored image."""
+
+    id: int
+    name: str = Field(description="file name from the source path or URL")
+    source: str
+    label: str | None
+    width: int | None
+    height: int | None
+    format: str | None
+    byte_size: int
+    thumbnail_url: str
+    full_url: str
+
+
+class ImageList(BaseModel):
+    total: int = Field(description="how many images match, on all pages")
+    offset: int
+    label: str | None
+    unlabelled: bool
+    images: list[ImageCard]
 
 
 class GroupMember(BaseModel):
@@ -284,6 +321,11 @@ def _image_row(db: Database, image_id: int):
     return row
 
 
+def _answered(matches: list[Match], asked: str) -> str:
+    """The space that answered (``auto`` resolved), for the response."""
+    return matches[0].space if matches else asked
+
+
 def search_by_id(db: Database, image_id: int, k: int, space: str, label: str | None = None) -> Outcome:
     """The ``k`` stored images most like stored image ``image_id`` (itself excluded)."""
     started = time.perf_counter()
@@ -294,7 +336,7 @@ def search_by_id(db: Database, image_id: int, k: int, space: str, label: str | N
         raise ApiError(422, f"image {image_id} has no stored {space} vector ({why})")
     matches = similar_images(db, image_id, k=k, space=space, label=label)
     query = QueryInfo(kind="id", name=f"image {image_id}", sha256=row.sha256, image_id=image_id, label=row.label)
-    return Outcome(query, matches, space, time.perf_counter() - started)
+    return Outcome(query, matches, _answered(matches, space), time.perf_counter() - started)
 
 
 def search_by_bytes(db: Database, data: bytes, k: int, space: str, *, kind: str, name: str,
@@ -312,7 +354,7 @@ def search_by_bytes(db: Database, data: bytes, k: int, space: str, *, kind: str,
         stored = conn.execute(sa.select(images.c.id, images.c.label).where(images.c.sha256 == sha)).first()
     query = QueryInfo(kind=kind, name=name, sha256=sha, image_id=stored.id if stored else None,
                       label=stored.label if stored else None)
-    return Outcome(query, matches, space, time.perf_counter() - started, data)
+    return Outcome(query, matches, _answered(matches, space), time.perf_counter() - started, data)
 
 
 def _result(m: Match) -> Result:
@@ -397,6 +439,68 @@ def _cached(content: bytes, media_type: str, etag: str, request: Request) -> Res
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)
     return Response(content, media_type=media_type, headers=headers)
+
+
+# ---------------------------------------------------------------- cards and browsing
+
+_CARD_COLUMNS = (images.c.id, images.c.source, images.c.label, images.c.width, images.c.height, images.c.format,
+                 images.c.byte_size)
+
+
+def file_name(source: str) -> str:
+    """The last part of a source path or URL, without its query string: what a person calls the file."""
+    name = PurePosixPath(unquote(urlsplit(source).path)).name if "://" in source else Path(source).name
+    return name or mask_secrets(source)
+
+
+def _card(row) -> ImageCard:
+    return ImageCard(id=row.id, name=file_name(row.source), source=mask_secrets(row.source), label=row.label,
+                     width=row.width, height=row.height, format=row.format, byte_size=row.byte_size,
+                     thumbnail_url=f"/api/images/{row.id}/thumbnail", full_url=f"/api/images/{row.id}/full")
+
+
+def image_cards(db: Database, ids: list[int]) -> dict[int, ImageCard]:
+    """The cards of the stored images among ``ids``, in one query."""
+    if not ids:
+        return {}
+    with db.engine.connect() as conn:
+        rows = conn.execute(sa.select(*_CARD_COLUMNS).where(images.c.id.in_(sorted(set(ids))))).all()
+    return {row.id: _card(row) for row in rows}
+
+
+def browse_images(db: Database, label: str | None = None, unlabelled: bool = False, offset: int = 0,
+                  limit: int = IMAGES_PER_PAGE) -> ImageList:
+    """A page of the decoded stored images, by id: all of them, those with ``label``, or those with none."""
+    if label is not None and unlabelled:
+        raise ApiError(422, "give label or unlabelled, not both")
+    where = images.c.status == "ok"
+    if label is not None:
+        where &= images.c.label == label
+    elif unlabelled:
+        where &= images.c.label.is_(None)
+    with db.engine.connect() as conn:
+        total = conn.execute(sa.select(sa.func.count()).select_from(images).where(where)).scalar()
+        rows = conn.execute(sa.select(*_CARD_COLUMNS).where(where).order_by(images.c.id)
+                            .offset(offset).limit(limit)).all()
+    return ImageList(total=total, offset=offset, label=label, unlabelled=unlabelled, images=[_card(r) for r in rows])
+
+
+def label_counts(db: Database) -> list[tuple[str | None, int]]:
+    """How many decoded images each label has, by label; the unlabelled (None) last."""
+    with db.engine.connect() as conn:
+        rows = conn.execute(sa.select(images.c.label, sa.func.count()).where(images.c.status == "ok")
+                            .group_by(images.c.label)).all()
+    return sorted(((label, n) for label, n in rows), key=lambda row: (row[0] is None, row[0] or ""))
+
+
+def _image_sources(db: Database, image_id: int) -> tuple[list[str], int]:
+    """The first SOURCES_SHOWN sources of an image (secrets masked), and how many it has."""
+    where = image_sources.c.image_id == image_id
+    with db.engine.connect() as conn:
+        total = conn.execute(sa.select(sa.func.count()).select_from(image_sources).where(where)).scalar()
+        shown = conn.execute(sa.select(image_sources.c.source).where(where).order_by(image_sources.c.id)
+                             .limit(SOURCES_SHOWN)).scalars().all()
+    return [mask_secrets(s) for s in shown], total
 
 
 # ---------------------------------------------------------------- reading what other steps wrote
@@ -538,14 +642,13 @@ class _Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         too_large = f"request body over the {self.max_bytes / 2**20:g} MB limit"
-        is_docs = scope["path"] in ("/docs", "/redoc") or scope["path"].startswith("/docs/")
+        policy = DOCS_POLICY if scope["path"] == "/docs" else PAGE_POLICY
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
-                headers += [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
-                if not is_docs:  # FastAPI's Swagger page runs inline script from a CDN
-                    headers += [(b"content-security-policy", PAGE_POLICY.encode()), (b"x-frame-options", b"DENY")]
+                headers += [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
+                            (b"content-security-policy", policy.encode()), (b"x-frame-options", b"DENY")]
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -637,10 +740,21 @@ def create_app(db: Database, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, limits
         finally:
             context.close()
 
-    app = FastAPI(title="lookalike", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="lookalike", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Find the stored images most similar to an image, and review duplicate groups.")
     app.add_middleware(_Guard, max_bytes=max_upload_bytes)
     app.mount("/static", StaticFiles(packages=[("lookalike.web", "static")]), name="static")
+    # Swagger UI 5 as packaged by fastapi-offline, so /docs works with no internet. (swagger-ui-bundle's
+    # newest, 1.1.0, has Swagger UI 4, which cannot read the OpenAPI 3.1 that FastAPI writes.)
+    app.mount("/docs/assets", StaticFiles(packages=[("fastapi_offline", "static")]), name="swagger-ui")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="lookalike API",
+                                   swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs/assets/swagger-ui.css",
+                                   swagger_favicon_url="/static/icon.svg",
+                                   swagger_ui_parameters={"validatorUrl": None})
 
     @app.exception_handler(LookalikeError)
     async def _user_error(_request: Request, exc: LookalikeError):
@@ -662,6 +776,7 @@ def create_app(db: Database, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, limits
 
     _api_routes(app, context)
     _page_routes(app, context)
+    _quality_routes(app, db)
     return app
 
 
@@ -768,6 +883,13 @@ def _api_routes(app: FastAPI, ctx: _Context) -> None:
         """The k stored images most similar to stored image `image_id` (itself excluded)."""
         return _response(search_by_id(db, image_id, k, space), k)
 
+    @app.get("/api/images", response_model=ImageList, tags=["images"], responses=ERRORS)
+    def list_images(label: LabelParam = None, unlabelled: UnlabelledParam = False,
+                    offset: OffsetParam = 0,
+                    limit: Annotated[int, Query(ge=1, le=1000)] = IMAGES_PER_PAGE) -> ImageList:
+        """The decoded stored images by id, a page at a time: all, those with `label`, or the `unlabelled`."""
+        return browse_images(db, label, unlabelled, offset, limit)
+
     @app.get("/api/images/{image_id}", response_model=ImageMeta, tags=["images"], responses=ERRORS)
     def image_meta(image_id: ImageIdParam) -> ImageMeta:
         """What is stored about an image."""
@@ -864,6 +986,22 @@ _templates = Environment(loader=PackageLoader("lookalike.web", "templates"),
                          autoescape=select_autoescape(["html"]), trim_blocks=True, lstrip_blocks=True)
 
 
+def similar_url(image_id: int, k: int = DEFAULT_K, label: str | None = None) -> str:
+    """The search page's address for "similar to this"; only what differs from the defaults is in it."""
+    query = {"id": image_id} | ({"k": k} if k != DEFAULT_K else {}) | ({"label": label} if label else {})
+    return "/?" + urlencode(query)
+
+
+def browse_url(label: str | None = None, unlabelled: bool = False, offset: int = 0) -> str:
+    """The browse page's address, with only what differs from the defaults in it."""
+    query = ({"label": label} if label is not None else {}) | ({"unlabelled": "true"} if unlabelled else {}) \
+        | ({"offset": offset} if offset else {})
+    return "/browse" + ("?" + urlencode(query) if query else "")
+
+
+_templates.globals.update(similar_url=similar_url, browse_url=browse_url)
+
+
 def _page(name: str, status: int = 200, **values) -> HTMLResponse:
     return HTMLResponse(_templates.get_template(name).render(**values), status_code=status)
 
@@ -891,28 +1029,33 @@ def _page_routes(app: FastAPI, ctx: _Context) -> None:
         except ApiError:
             return None
 
-    async def search_page(query: SimilarRequest | None, upload: tuple[str, bytes] | None) -> HTMLResponse:
-        values: dict[str, Any] = {"page": "search", "max_upload_bytes": ctx.max_upload_bytes,
-                                  "k": query.k if query else DEFAULT_K,
-                                  "url": query.url if query else None, "id": query.id if query else None}
-        status = 200
-        if query is not None and (upload or query.url or query.id is not None):
+    async def search_page(query: SimilarRequest | None, upload: tuple[str, bytes] | None,
+                          error: str | None = None, status: int = 200) -> HTMLResponse:
+        labels = await run_in_threadpool(label_counts, db)
+        values: dict[str, Any] = {"page": "search", "max_upload_bytes": ctx.max_upload_bytes, "max_k": MAX_K,
+                                  "k": query.k if query else DEFAULT_K, "label": query.label if query else None,
+                                  "labels": [label for label, _ in labels if label is not None],
+                                  "url": query.url if query else None, "id": query.id if query else None,
+                                  "error": error}
+        if error is None and query is not None and (upload or query.url or query.id is not None):
             try:
                 outcome = await ctx.search(query, upload)
-                values.update(outcome=outcome, preview=await preview(outcome))
-            except ApiError as exc:
-                values["error"], status = exc.message, exc.status
+                values.update(outcome=outcome, preview=await preview(outcome), cards=await run_in_threadpool(
+                    image_cards, db, [m.image_id for m in outcome.matches]))
+            except LookalikeError as exc:  # e.g. a label no image has: said on the page, with its status
+                values["error"], status = mask_secrets(str(exc)), exc.http_status
         values["picks"] = await run_in_threadpool(_picks, db)
         return _page("search.html", status, **values)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def search_get(id: str | None = None, url: str | None = None, k: str | None = None) -> HTMLResponse:
-        fields = {key: value for key, value in (("id", id), ("url", url), ("k", k)) if value not in (None, "")}
+    async def search_get(id: str | None = None, url: str | None = None, k: str | None = None,
+                         label: str | None = None) -> HTMLResponse:
+        fields = {key: value for key, value in (("id", id), ("url", url), ("k", k), ("label", label))
+                  if value not in (None, "")}
         try:
             query = SimilarRequest.model_validate(fields)
         except ValidationError as exc:
-            return _page("search.html", 422, page="search", error=_validation_message(exc.errors()), k=DEFAULT_K,
-                         max_upload_bytes=ctx.max_upload_bytes, picks=await run_in_threadpool(_picks, db))
+            return await search_page(None, None, _validation_message(exc.errors()), 422)
         return await search_page(query, None)
 
     @app.post("/", response_class=HTMLResponse, include_in_schema=False)
@@ -920,9 +1063,35 @@ def _page_routes(app: FastAPI, ctx: _Context) -> None:
         try:
             query, upload = await _read_query(request)
         except ApiError as exc:
-            return _page("search.html", exc.status, page="search", error=exc.message, k=DEFAULT_K,
-                         max_upload_bytes=ctx.max_upload_bytes, picks=await run_in_threadpool(_picks, db))
+            return await search_page(None, None, exc.message, exc.status)
         return await search_page(query, upload)
+
+    @app.get("/browse", response_class=HTMLResponse, include_in_schema=False)
+    def browse_page(label: LabelParam = None, unlabelled: UnlabelledParam = False,
+                    offset: OffsetParam = 0) -> HTMLResponse:
+        values: dict[str, Any] = {"page": "browse", "labels": label_counts(db), "per_page": IMAGES_PER_PAGE,
+                                  "label": label, "unlabelled": unlabelled}
+        try:
+            values["result"] = browse_images(db, label, unlabelled, offset)
+        except ApiError as exc:
+            return _page("browse.html", exc.status, error=exc.message, **values)
+        return _page("browse.html", **values)
+
+    @app.get("/images/{image_id}", response_class=HTMLResponse, include_in_schema=False)
+    def image_page(image_id: ImageIdParam) -> HTMLResponse:
+        try:
+            row = _image_row(db, image_id)
+        except ApiError as exc:
+            return _page("image.html", exc.status, page="browse", error=exc.message)
+        sources, source_count = _image_sources(db, image_id)
+        try:
+            metadata = json.loads(row.metadata) if row.metadata else {}
+        except ValueError:
+            metadata = {}
+        metadata = {str(key): mask_secrets(str(value)) for key, value in metadata.items()} \
+            if isinstance(metadata, dict) else {}
+        return _page("image.html", page="browse", image=_card(row), row=row, sources=sources,
+                     source_count=source_count, metadata=metadata)
 
     def render_duplicates(run: int | None, page: int, sort: str, error: str | None = None,
                           status: int = 200) -> HTMLResponse:
@@ -932,6 +1101,7 @@ def _page_routes(app: FastAPI, ctx: _Context) -> None:
             values["result"] = duplicates(db, run, (page - 1) * GROUPS_PER_PAGE, GROUPS_PER_PAGE, sort)
             # Decisions are made on the latest run's groups only.
             values["reviewable"] = values["result"].run is not None and values["result"].run.id == values["runs"][0].id
+            values["cards"] = image_cards(db, [m.image_id for g in values["result"].groups for m in g.members])
         except ApiError as exc:
             values.update(error=exc.message, result=None)
             status = exc.status
@@ -978,6 +1148,61 @@ def _page_routes(app: FastAPI, ctx: _Context) -> None:
         return _page("collection.html", page="collection", database=db.dialect, labels=labels, totals=totals,
                      failures=status.fetch_failures, models=_embedding_counts(db), runs=_runs(db),
                      unique=ctx.plot.table(), evaluation=_last_evaluation(db))
+
+
+# ---------------------------------------------------------------- the image-quality report (`lookalike inspect`)
+
+QualityFlag = Literal[quality.FLAGS]
+QualityFlagParam = Annotated[QualityFlag | None, Query(description="only images with this flag (default: any)")]
+QUALITY_PER_PAGE = 40
+
+
+class QualityImage(BaseModel):
+    image_id: int
+    label: str | None
+    source: str
+    width: int | None
+    height: int | None
+    flags: list[str]
+    scores: dict[str, float | int | None] = Field(description="sharpness, brightness, dark_share, bright_share, "
+                                                               "luminance_p01, luminance_p99, entropy, aspect, pixels")
+    thumbnail_url: str
+
+
+class QualityResponse(BaseModel):
+    flag: QualityFlag | None
+    total: int = Field(description="flagged images over all pages")
+    offset: int
+    images: list[QualityImage]
+
+
+def quality_page(db: Database, flag: str | None, offset: int, limit: int) -> QualityResponse:
+    """A page of the stored quality report: images with ``flag`` (any flag when None), worst first."""
+    found = quality.quality_report(db, flag=flag, offset=offset, limit=limit)
+    return QualityResponse(flag=flag, total=found.total, offset=offset, images=[
+        QualityImage(image_id=r.image_id, label=r.label, source=mask_secrets(r.source), width=r.width,
+                     height=r.height, flags=r.flags, scores=r.scores,
+                     thumbnail_url=f"/api/images/{r.image_id}/thumbnail")
+        for r in found.rows])
+
+
+def _quality_routes(app: FastAPI, db: Database) -> None:
+    @app.get("/api/quality", response_model=QualityResponse, tags=["quality"], responses=ERRORS)
+    def quality_report(flag: QualityFlagParam = None, offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
+                       limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> QualityResponse:
+        """The images `lookalike inspect` flagged (blurry, dark, bright, low-information, odd-aspect, tiny), with
+        their scores; worst first for one flag, by id for any."""
+        return quality_page(db, flag, offset, limit)
+
+    @app.get("/quality", response_class=HTMLResponse, include_in_schema=False)
+    def quality_html(flag: str | None = None, page: Annotated[int, Query(ge=1, le=MAX_ID)] = 1) -> HTMLResponse:
+        values: dict[str, Any] = {"page": "quality", "flags": quality.FLAGS, "number": page,
+                                  "per_page": QUALITY_PER_PAGE, "thresholds": quality.THRESHOLDS, "flag": None}
+        if flag and flag not in quality.FLAGS:   # the form's "any flag" sends an empty flag
+            return _page("quality.html", 422, error=f"flag must be one of {', '.join(quality.FLAGS)}", **values)
+        values["flag"] = flag or None
+        result = quality_page(db, values["flag"], (page - 1) * QUALITY_PER_PAGE, QUALITY_PER_PAGE)
+        return _page("quality.html", result=result, **values)
 
 
 # ---------------------------------------------------------------- running it

@@ -1,7 +1,14 @@
 // Search page: choosing, dropping or pasting an image submits it at once; oversized files are refused here.
+// The label and k chosen under the forms go with whichever form is sent (a blank one with none of them).
 (function () {
   const form = document.getElementById("upload-form");
   if (!form) return;
+  document.querySelectorAll("[data-option]").forEach((control) => control.addEventListener("input", () => {
+    document.querySelectorAll(`.ask input[type=hidden][name="${control.dataset.option}"]`).forEach((field) => {
+      field.value = control.value;
+      field.disabled = control.value === "";
+    });
+  }));
   const input = document.getElementById("file");
   const label = document.getElementById("drop");
   const maxBytes = Number(form.dataset.maxBytes);

@@ -1,0 +1,320 @@
+"""Fit step: similarity spaces fitted on the collection itself, and which space answers by default.
+
+A space is a map of one feature model's embeddings, fitted once (``lookalike
+fit``) and stored like any model: a ``similarity_spaces`` row with its
+parameters and their checksum, and every image's vector in ``space_vectors``.
+A new image is projected with the stored parameters, never by refitting.
+
+- ``pca`` (label-free): the embeddings centred on the collection's mean and
+  projected on its top ``PCA_DIM`` principal axes. Full PCA whitening (axes
+  scaled to unit variance, the classic retrieval gain on large collections)
+  measured worse here on collections of a few hundred images, where the small
+  axes are noise: ``WHITEN_POWER`` scales each axis by variance^-power, 0 = none.
+- ``learned`` (label-aware, needs a split with two or more labels): the class
+  probabilities of a shrinkage LDA fitted on the train split, joined with the
+  ``pca`` part at weight ``1 - LEARNED_WEIGHT``. Where the labels are sure the
+  probabilities saturate, so images of one label differ only in the look part:
+  a near-copy stays first for its original and nothing ties (the scores space
+  alone ties whole labels). LDA's own coordinates instead of its probabilities
+  kept the label but put other images of it before a planted copy.
+
+A part is ``(x - mean) @ matrix`` (``linear``) or ``softmax(x @ matrix + bias)``
+(``softmax``), scaled to unit length and weighted; the joined vector is unit
+length again, so cosine distance applies in every space. The evaluate step measures every space on the test split and
+records the best (:func:`record_default`); ``similar``, ``rank``, the web app
+and the PL/Python routines ask :func:`resolve_space` for ``auto``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+
+from .db import (Database, embeddings, images, now, recorded_run, settings, similarity_spaces, space_vectors, splits,
+                 vector_bytes, vector_from_bytes)
+from .errors import BadInput, Precondition
+from .features import DEFAULT_BACKBONE, latest_feature_model
+from .steps import default
+
+FITTED = ("pca", "learned")             # spaces the fit step makes
+BUILT_IN = ("embeddings", "scores")      # spaces with nothing to fit: the raw vectors, the classifier's scores
+AUTO = "auto"
+PCA_DIM = 256
+WHITEN_POWER = 0.0
+LEARNED_WEIGHT = 0.7   # label part : look part = 0.7 : 0.3; top-1 measured the same from 0.5 to 0.95, and
+                       # a same-label pair stays about 0.1 x its look distance apart (readable, no ties)
+FIT_SAMPLE = 50_000                      # embeddings the PCA is fitted on, at most (drawn by seed)
+CHUNK = 5_000                            # embeddings projected and written per transaction
+DEFAULT_KEY = "default_space"            # settings row: the space evaluate found best, and its evidence
+# When two spaces measure the same, the one that orders results best: the learned space keeps look within
+# a label, the scores space ties whole labels.
+PREFERENCE = ("learned", "pca", "embeddings", "scores")
+
+
+@dataclass(frozen=True)
+class Part:
+    """One block of a space's vector: ``linear`` (x - offset) @ matrix, or ``softmax`` of x @ matrix + offset."""
+
+    kind: str
+    offset: np.ndarray
+    matrix: np.ndarray
+    weight: float
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        if self.kind == "linear":
+            return _unit((x - self.offset) @ self.matrix)
+        logits = x @ self.matrix + self.offset
+        if logits.shape[1] == 1:   # two classes: one logit, as scikit-learn's binary LDA gives it
+            logits = np.hstack([np.zeros_like(logits), logits])
+        logits -= logits.max(axis=1, keepdims=True)
+        odds = np.exp(logits)
+        return _unit(odds / odds.sum(axis=1, keepdims=True))
+
+
+@dataclass(frozen=True)
+class Space:
+    """A fitted space: its row id and the parts its vectors are made of."""
+
+    id: int
+    name: str
+    feature_model_id: int
+    parts: tuple[Part, ...]
+
+    def project(self, vectors: np.ndarray) -> np.ndarray:
+        """Embeddings (n, d) to this space's unit vectors (n, k), float32."""
+        x = np.asarray(vectors, dtype=np.float64).reshape(-1, self.parts[0].matrix.shape[0])
+        return _unit(np.hstack([part.weight * part.apply(x) for part in self.parts])).astype(np.float32)
+
+
+def _unit(matrix: np.ndarray) -> np.ndarray:
+    return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+
+
+def _pack(parts: tuple[Part, ...]) -> bytes:
+    buffer = io.BytesIO()
+    arrays = {}
+    for i, part in enumerate(parts):
+        arrays.update({f"kind{i}": np.array(part.kind), f"offset{i}": part.offset, f"matrix{i}": part.matrix,
+                       f"weight{i}": np.float64(part.weight)})
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _unpack(data: bytes) -> tuple[Part, ...]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+        return tuple(Part(str(arrays[f"kind{i}"]), arrays[f"offset{i}"], arrays[f"matrix{i}"],
+                          float(arrays[f"weight{i}"])) for i in range(len(arrays.files) // 4))
+
+
+# ---------------------------------------------------------------- fitting
+
+@dataclass
+class FitSummary:
+    feature_model: str
+    fitted: dict[str, dict[str, Any]] = field(default_factory=dict)   # space -> what it was fitted on
+    skipped: dict[str, str] = field(default_factory=dict)             # space -> why not
+    projected: int = 0
+    seconds: float = 0.0
+
+    def lines(self) -> list[str]:
+        out = [f"fit ({self.feature_model}): {', '.join(self.fitted) or 'no space'} fitted, "
+               f"{self.projected} vectors projected in {self.seconds:.1f} s"]
+        for name, on in self.fitted.items():
+            out.append(f"  {name}: {on['dim']} dimensions, fitted on {on['images']} images"
+                       + (f" of {on['labels']} labels (train split)" if "labels" in on else ""))
+        out += [f"  {name}: not fitted ({why})" for name, why in self.skipped.items()]
+        return out
+
+
+def fit_spaces(db: Database, *, backbone: str = DEFAULT_BACKBONE, seed: int = default("fit", "seed"),
+               progress: bool | None = None) -> FitSummary:
+    """Fit the ``pca`` space, and the ``learned`` one where a split has two or more labels; project every image.
+
+    Refitting replaces a space's row and vectors in one transaction per space.
+    """
+    if progress is None:
+        progress = sys.stderr.isatty()
+    summary = FitSummary(backbone)
+    started = time.monotonic()
+    with recorded_run(db, "fit", {"backbone": backbone, "seed": seed}) as counts:
+        with db.engine.connect() as conn:
+            model_id = latest_feature_model(conn, backbone)
+            ids = np.array(conn.execute(sa.select(embeddings.c.image_id).where(embeddings.c.model_id == model_id)
+                                        .order_by(embeddings.c.image_id)).scalars().all(), dtype=np.int64)
+            if len(ids) < 3:
+                raise Precondition(f"need embeddings of at least 3 images to fit a space, found {len(ids)}: "
+                                   "run `lookalike featurize`")
+            rng = np.random.default_rng(seed)
+            sample = np.sort(rng.choice(ids, size=min(FIT_SAMPLE, len(ids)), replace=False))
+            X = _vectors(conn, model_id, sample)
+            train = conn.execute(
+                sa.select(splits.c.image_id, images.c.label).join(images, images.c.id == splits.c.image_id)
+                .join(embeddings, sa.and_(embeddings.c.image_id == splits.c.image_id,
+                                          embeddings.c.model_id == model_id))
+                .where(splits.c.split == "train", images.c.label.is_not(None))
+                .order_by(splits.c.image_id)).all()
+        pca = _fit_pca(X)
+        fitted = {"pca": (pca,)}
+        summary.fitted["pca"] = {"images": len(sample), "dim": pca.matrix.shape[1]}
+        labels = sorted({row.label for row in train})
+        if len(labels) < 2:
+            summary.skipped["learned"] = ("no train split with two or more labels" if not train
+                                          else f"the train split has one label ({labels[0]})")
+        else:
+            train = [train[i] for i in np.sort(rng.choice(len(train), size=min(FIT_SAMPLE, len(train)), replace=False))]
+            train_ids = np.array([row.image_id for row in train], dtype=np.int64)
+            with db.engine.connect() as conn:
+                T = _vectors(conn, model_id, train_ids)
+            lda = _fit_lda(T, np.array([row.label for row in train], dtype=object))
+            fitted["learned"] = (lda, replace(pca, weight=1.0 - LEARNED_WEIGHT))
+            summary.fitted["learned"] = {"images": len(train), "labels": len(labels),
+                                         "dim": len(labels) + pca.matrix.shape[1]}
+        for name, parts in fitted.items():
+            space = _store_space(db, name, model_id, parts, {**summary.fitted[name], "seed": seed})
+            summary.projected += project_missing(db, space, progress=progress)
+        summary.seconds = time.monotonic() - started
+        counts.update(fitted=list(summary.fitted), skipped=summary.skipped, projected=summary.projected)
+    return summary
+
+
+def _vectors(conn, model_id: int, ids: np.ndarray) -> np.ndarray:
+    rows = {}
+    for start in range(0, len(ids), CHUNK):
+        chunk = [int(i) for i in ids[start:start + CHUNK]]
+        rows.update(conn.execute(sa.select(embeddings.c.image_id, embeddings.c.vector).where(
+            embeddings.c.model_id == model_id, embeddings.c.image_id.in_(chunk))).all())
+    return np.stack([vector_from_bytes(rows[int(i)]) for i in ids]).astype(np.float64)
+
+
+def _fit_pca(X: np.ndarray) -> Part:
+    """The top principal axes of ``X``, each scaled by its variance^-WHITEN_POWER."""
+    mean = X.mean(axis=0)
+    _, singular, axes = np.linalg.svd(X - mean, full_matrices=False)
+    variance = singular ** 2 / len(X)
+    keep = min(PCA_DIM, int((variance > variance[0] * 1e-9).sum()))
+    return Part("linear", mean, axes[:keep].T / variance[:keep] ** WHITEN_POWER, 1.0)
+
+
+def _fit_lda(X: np.ndarray, labels: np.ndarray) -> Part:
+    """Class probabilities of a shrinkage LDA on the embeddings themselves. Fitted after a PCA it measured far
+    worse (sample set top-1 0.35 against 1.00): the shrinkage target assumes the embeddings' own axes."""
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+    lda = LinearDiscriminantAnalysis(solver="eigen", shrinkage="auto").fit(X, labels)
+    return Part("softmax", lda.intercept_.astype(np.float64), lda.coef_.T.astype(np.float64), LEARNED_WEIGHT)
+
+
+def _store_space(db: Database, name: str, model_id: int, parts, fitted_on: dict) -> Space:
+    params = _pack(parts)
+    with db.begin() as conn:
+        conn.execute(sa.delete(similarity_spaces).where(similarity_spaces.c.name == name,
+                                                        similarity_spaces.c.feature_model_id == model_id))
+        space_id = conn.execute(sa.insert(similarity_spaces).values(
+            name=name, feature_model_id=model_id, params=params, checksum=hashlib.sha256(params).hexdigest(),
+            fitted_on=json.dumps(fitted_on, sort_keys=True), created_at=now()).returning(similarity_spaces.c.id)
+        ).scalar_one()
+    return Space(space_id, name, model_id, _unpack(params))
+
+
+def project_missing(db: Database, space: Space, *, progress: bool = False) -> int:
+    """Project every embedding of the space's model that has no vector in it yet; returns how many.
+
+    Incremental: images featurized after the fit get their vectors from the stored parameters.
+    Each chunk commits, so an interrupted run keeps what it wrote.
+    """
+    from tqdm import tqdm
+    done = sa.select(space_vectors.c.image_id).where(space_vectors.c.space_id == space.id)
+    written = 0
+    with tqdm(unit="img", desc=f"project ({space.name})", disable=not progress) as bar:
+        while True:
+            with db.engine.connect() as conn:
+                rows = conn.execute(sa.select(embeddings.c.image_id, embeddings.c.vector).where(
+                    embeddings.c.model_id == space.feature_model_id, embeddings.c.image_id.not_in(done))
+                    .order_by(embeddings.c.image_id).limit(CHUNK)).all()
+            if not rows:
+                return written
+            projected = space.project(np.stack([vector_from_bytes(r.vector) for r in rows]))
+            with db.begin() as conn:
+                conn.execute(db.insert_ignore(space_vectors), [
+                    {"space_id": space.id, "image_id": r.image_id, "vector": vector_bytes(v)}
+                    for r, v in zip(rows, projected)])
+            written += len(rows)
+            bar.update(len(rows))
+
+
+def project_fitted(db: Database, feature_model_id: int) -> int:
+    """:func:`project_missing` for every space fitted on this feature model."""
+    with db.engine.connect() as conn:
+        spaces = fitted_spaces(conn, feature_model_id)
+    return sum(project_missing(db, space) for space in spaces)
+
+
+# ---------------------------------------------------------------- reading spaces
+
+def fitted_id(conn, name: str, feature_model_id: int) -> int | None:
+    """The row id of the fitted space ``name`` (a refit makes a new one), without reading its parameters."""
+    return conn.execute(sa.select(sa.func.max(similarity_spaces.c.id)).where(
+        similarity_spaces.c.name == name, similarity_spaces.c.feature_model_id == feature_model_id)).scalar()
+
+
+def load_space(conn, name: str, feature_model_id: int) -> Space | None:
+    """The fitted space ``name`` on this feature model, its checksum verified; None when not fitted."""
+    row = conn.execute(sa.select(similarity_spaces).where(
+        similarity_spaces.c.name == name, similarity_spaces.c.feature_model_id == feature_model_id)
+        .order_by(similarity_spaces.c.id.desc())).first()
+    if row is None:
+        return None
+    if hashlib.sha256(row.params).hexdigest() != row.checksum:
+        raise Precondition(f"the stored {name} space's parameters fail their checksum: run `lookalike fit` again")
+    return Space(row.id, name, feature_model_id, _unpack(row.params))
+
+
+def fitted_spaces(conn, feature_model_id: int) -> list[Space]:
+    return [space for name in FITTED if (space := load_space(conn, name, feature_model_id)) is not None]
+
+
+def space_matrix(conn, space: Space) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) of every image with a vector in ``space`` whose embedding is still stored."""
+    rows = conn.execute(sa.select(space_vectors.c.image_id, space_vectors.c.vector)
+                        .join(embeddings, sa.and_(embeddings.c.image_id == space_vectors.c.image_id,
+                                                  embeddings.c.model_id == space.feature_model_id))
+                        .where(space_vectors.c.space_id == space.id).order_by(space_vectors.c.image_id)).all()
+    ids = np.array([r.image_id for r in rows], dtype=np.int64)
+    vectors = np.stack([vector_from_bytes(r.vector) for r in rows]) if rows else np.zeros((0, 0), np.float32)
+    return ids, vectors
+
+
+def record_default(conn, feature_model_id: int, table: dict[str, dict[str, float]], evaluation_id: int) -> str:
+    """Record the best space by the ranking protocol's top-1 (cosine) in ``table``; returns its name."""
+    def key(name):
+        return (-table[name]["top1"], table[name]["mean_rank"], PREFERENCE.index(name))
+    # Not the scores space: an image there is its class probabilities, so whole labels tie.
+    best = min((name for name in table if name != "scores"), key=key)
+    conn.execute(sa.delete(settings).where(settings.c.key == DEFAULT_KEY))
+    conn.execute(sa.insert(settings).values(key=DEFAULT_KEY, value=json.dumps({
+        "space": best, "feature_model_id": feature_model_id, "evaluation_id": evaluation_id,
+        "top1": table[best]["top1"]}, sort_keys=True)))
+    return best
+
+
+def resolve_space(conn, space: str, feature_model_id: int) -> str:
+    """``space`` itself, or for ``auto``: the space the latest evaluation found best on these embeddings
+    (while it is still fitted), else ``pca`` where fitted (label-free), else the raw ``embeddings``."""
+    if space != AUTO:
+        if space not in FITTED + BUILT_IN:
+            raise BadInput(f"space must be one of {', '.join((AUTO,) + FITTED + BUILT_IN)}, not {space!r}")
+        return space
+    stored = conn.execute(sa.select(settings.c.value).where(settings.c.key == DEFAULT_KEY)).scalar()
+    if stored is not None:
+        recorded = json.loads(stored)
+        if recorded.get("feature_model_id") == feature_model_id and (
+                recorded["space"] in BUILT_IN or fitted_id(conn, recorded["space"], feature_model_id) is not None):
+            return recorded["space"]
+    return "pca" if fitted_id(conn, "pca", feature_model_id) is not None else "embeddings"

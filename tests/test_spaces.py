@@ -1,0 +1,109 @@
+"""Similarity spaces fitted on the collection (lookalike.spaces), SQLite and PostgreSQL: fit, the default chosen
+by evaluate, incremental projection of new images, and the checksum on stored parameters."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from lookalike.db import embeddings, images, now, similarity_spaces, space_vectors, vector_bytes
+from lookalike.errors import Precondition
+from lookalike.evaluate import evaluate_model
+from lookalike.search import similar_images
+from lookalike.spaces import fit_spaces
+from lookalike.split import split_images
+
+from support.cli import lookalike
+from test_evaluate import add_collection, clusters
+
+
+def space_rows(db) -> dict[str, tuple[int, int]]:
+    """name -> (space id, stored vectors)."""
+    with db.engine.connect() as conn:
+        return {name: (space_id, conn.execute(sa.select(sa.func.count()).where(
+                    space_vectors.c.space_id == space_id)).scalar())
+                for space_id, name in conn.execute(sa.select(similarity_spaces.c.id, similarity_spaces.c.name))}
+
+
+def test_unlabelled_collection_gets_the_label_free_space(db):
+    add_collection(db, [None] * 40, np.random.default_rng(3).normal(size=(40, 16)))
+    summary = fit_spaces(db)
+    assert list(summary.fitted) == ["pca"] and summary.skipped == {"learned": "no train split with two or more labels"}
+    assert summary.projected == 40 and space_rows(db)["pca"][1] == 40
+    matches = similar_images(db, 1, k=5)
+    assert {m.space for m in matches} == {"pca"} and 1 not in {m.image_id for m in matches}
+    assert similar_images(db, 1, k=5, space="embeddings")[0].space == "embeddings"
+    with pytest.raises(Precondition, match="no learned space fitted on efficientnet-lite0 embeddings: run "
+                                           "`lookalike fit`"):
+        similar_images(db, 1, k=5, space="learned")
+
+
+def test_evaluate_records_the_best_space_and_searches_use_it(db):
+    # Clusters in 24 dimensions that the raw cosine only partly separates; the learned space does.
+    labels, vectors = clusters(40, 3, 24, separation=1.0, seed=5)
+    add_collection(db, labels, vectors)
+    split_images(db)
+    summary = fit_spaces(db)
+    assert list(summary.fitted) == ["pca", "learned"] and summary.fitted["learned"]["labels"] == 3
+    evaluation = evaluate_model(db, queries_per_label=10, negatives_per_query=20)
+    assert evaluation.default_space == "learned"
+    learned, raw = (evaluation.value(space, "cosine", "top1") for space in ("learned", "embeddings"))
+    assert learned >= 0.9 and learned > raw
+    assert "  default space: learned (best top1, cosine), used where --space is auto" in evaluation.lines()
+    matches = similar_images(db, 1, k=10)
+    assert {m.space for m in matches} == {"learned"}
+    assert len({f"{m.similarity:.4f}" for m in matches}) == 10   # the look part orders a label's images
+    with db.engine.connect() as conn:
+        label_of = dict(conn.execute(sa.select(images.c.id, images.c.label)).all())
+    assert sum(label_of[m.image_id] == label_of[1] for m in matches) >= 8
+    # --json: every space's table, the default marked.
+    done = lookalike("--db", db.url.render_as_string(hide_password=False), "--store", db.store.root, "evaluate",
+                     "--queries-per-label", 10, "--negatives", 20, "--json")
+    assert done.code == 0, done.err
+    table = json.loads(done.out)
+    assert table["default_space"] == "learned" and set(table["spaces"]) == {"embeddings", "pca", "learned"}
+    assert [name for name, space in table["spaces"].items() if space["default"]] == ["learned"]
+    assert table["spaces"]["learned"]["cosine"]["top1"] == evaluation.value("learned", "cosine", "top1")
+
+
+def test_new_images_are_projected_with_the_stored_parameters(db):
+    labels, vectors = clusters(30, 2, 16, separation=1.0, seed=9)
+    add_collection(db, labels, vectors)
+    split_images(db)
+    fit_spaces(db)
+    before = space_rows(db)
+    # A row written by raw SQL, as another writer would: the search projects it without a refit.
+    with db.begin() as conn:
+        model_id = conn.execute(sa.select(embeddings.c.model_id).limit(1)).scalar()
+        new_id = conn.execute(sa.insert(images).values(
+            sha256=hashlib.sha256(b"new").hexdigest(), label="label0", source="synthetic/new", byte_size=100,
+            status="ok", loaded_at=now()).returning(images.c.id)).scalar_one()
+        twin = vectors[0] / np.linalg.norm(vectors[0])
+        conn.execute(sa.insert(embeddings).values(image_id=new_id, model_id=model_id, vector=vector_bytes(twin)))
+    for space in ("pca", "learned"):
+        assert similar_images(db, 1, k=1, space=space)[0].image_id == new_id   # its twin, found at once
+        assert similar_images(db, new_id, k=1, space=space)[0].image_id == 1
+    assert space_rows(db) == before   # searching wrote nothing and refitted nothing
+    from lookalike.spaces import project_fitted
+    assert project_fitted(db, model_id) == 2
+    after = space_rows(db)
+    assert {name: (i, n - 1) for name, (i, n) in after.items()} == before
+
+
+def test_tampered_parameters_are_refused(db):
+    add_collection(db, [None] * 10, np.random.default_rng(1).normal(size=(10, 8)))
+    fit_spaces(db)
+    with db.begin() as conn:
+        conn.execute(sa.update(similarity_spaces).values(checksum="0" * 64))
+    with pytest.raises(Precondition, match="the stored pca space's parameters fail their checksum: run "
+                                           "`lookalike fit` again"):
+        similar_images(db, 1, k=3)
+
+
+def test_fit_needs_embeddings(db):
+    with pytest.raises(LookupError):   # no feature model at all: the featurize hint
+        fit_spaces(db)
