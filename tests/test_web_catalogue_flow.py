@@ -129,7 +129,7 @@ def test_load_run_review_rerun_search_and_a_phone_screen(desktop, browser, catal
         for name, route in [("search", "/"), ("results", results_url.removeprefix(base_url)),
                             ("duplicates", "/duplicates"), ("browse", "/browse"),
                             ("browse-label", f"/browse?label={LABEL}"), ("collection", "/collection"),
-                            ("image", f"/images/{member}")]:
+                            ("image", f"/images/{member}"), ("quality", "/quality")]:
             tab.goto(base_url + route)  # waits for the load event: styles and eager images are in
             assert tab.evaluate("document.documentElement.scrollWidth") <= PHONE["width"], name
             for link in tab.locator("header nav a").all():

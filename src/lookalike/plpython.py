@@ -618,6 +618,8 @@ def similar(plpy, store: str, query: int | str | None, k: int | None) -> tuple[l
             matches = _watched(interrupts, lambda: similar_images(_server_database(plpy, store), query, k=k,
                                                                   allow_private=private_urls_allowed_here()))
         rows = [(m.rank, m.image_id, m.label, m.distance, m.similarity, m.source) for m in matches]
+        if matches:   # which space answered: the default evaluate chose, or where none, pca or the embeddings
+            plpy.notice(f"lookalike.similar_images: {len(matches)} results in the {matches[0].space} space")
     except KeyboardInterrupt:
         failure = ProcedureError("interrupted", "57014")  # query_canceled, when the server says no more
     except Exception as exc:

@@ -4,7 +4,7 @@ Spaces: ``embeddings`` (the CNN vectors), ``scores`` (the classifier's class
 probabilities, what the original solution ranked in), and the spaces fitted on
 the collection, ``pca`` and ``learned`` (:mod:`lookalike.spaces`). ``auto``,
 the default, is the space the evaluate step measured best. Distances are cosine
-distances; similarity = 1 − distance; equal distances are ordered by image id.
+distances; similarity = 1 − distance; ties (:data:`TIE_DECIMALS`) are listed by image id.
 
 - :func:`similar_images` — one query: a stored image id, a path, a URL or bytes.
 - :func:`add_queries` / :func:`rank_queries` — the batch form: ``query_images``
@@ -37,7 +37,10 @@ if TYPE_CHECKING:
     from .net import FetchLimits
 
 SPACES = BUILT_IN + FITTED
-TIE_DECIMALS = 6   # distances equal to this many places tie, listed by image id: float noise must not order them
+# Similarities equal to this many places tie and are listed by image id: float noise must not order them. In
+# the scores space, class probabilities that agree to the printed 4 places are the classifier equally sure.
+TIE_DECIMALS = {"scores": 4}   # per space; others: TIE_DECIMALS_DEFAULT
+TIE_DECIMALS_DEFAULT = 6
 log = logging.getLogger(__name__)
 
 
@@ -128,8 +131,9 @@ class Collection:
             found, dists = self.index.search(_unit(vector.reshape(1, -1)), k, exclude=[exclude], allowed=allowed)
             found_ids, distances = found[0][found[0] >= 0], dists[0][found[0] >= 0]
         rows = self.labels(found_ids)
+        decimals = TIE_DECIMALS.get(self.space, TIE_DECIMALS_DEFAULT)
         ordered = sorted(zip(found_ids.tolist(), distances.tolist()),
-                         key=lambda pair: (round(pair[1], TIE_DECIMALS), pair[0]))
+                         key=lambda pair: (-round(1.0 - pair[1], decimals), pair[0]))   # similarity, as printed
         out = []
         for rank, (image_id, distance) in enumerate(ordered, start=1):
             label_of, source = rows.get(image_id, (None, ""))

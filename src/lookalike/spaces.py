@@ -230,16 +230,21 @@ def project_missing(db: Database, space: Space, *, progress: bool = False) -> in
     Each chunk commits, so an interrupted run keeps what it wrote.
     """
     from tqdm import tqdm
-    done = sa.select(space_vectors.c.image_id).where(space_vectors.c.space_id == space.id)
-    written = 0
+    stored = space_vectors.alias("stored")
+    written, after = 0, 0
     with tqdm(unit="img", desc=f"project ({space.name})", disable=not progress) as bar:
-        while True:
+        while True:   # by image id, from where the last chunk ended: one pass over the embeddings in all
             with db.engine.connect() as conn:
-                rows = conn.execute(sa.select(embeddings.c.image_id, embeddings.c.vector).where(
-                    embeddings.c.model_id == space.feature_model_id, embeddings.c.image_id.not_in(done))
+                rows = conn.execute(
+                    sa.select(embeddings.c.image_id, embeddings.c.vector)
+                    .outerjoin(stored, sa.and_(stored.c.space_id == space.id,
+                                               stored.c.image_id == embeddings.c.image_id))
+                    .where(embeddings.c.model_id == space.feature_model_id, embeddings.c.image_id > after,
+                           stored.c.image_id.is_(None))
                     .order_by(embeddings.c.image_id).limit(CHUNK)).all()
             if not rows:
                 return written
+            after = rows[-1].image_id
             projected = space.project(np.stack([vector_from_bytes(r.vector) for r in rows]))
             with db.begin() as conn:
                 conn.execute(db.insert_ignore(space_vectors), [
