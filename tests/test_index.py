@@ -183,13 +183,13 @@ def test_filters_return_k_rows_on_exact_and_ivf(sqlite_url, tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_similar_by_id_imports_neither_torch_nor_httpx(sqlite_url, tmp_path):
+def test_similar_by_id_imports_neither_torch_nor_httpx_nor_faiss(sqlite_url, tmp_path):
     with Database(sqlite_url, tmp_path / "store") as db:
         model = add_model(db, "efficientnet-lite0")
         add_images(db, model, np.random.default_rng(6).normal(size=(20, DIM)))
     script = ("import json, sys\nfrom lookalike.cli import main\n"
               f"code = main(['similar', '4', '--json', '--top', '3', '--db', {sqlite_url!r}])\n"
-              "loaded = sorted({'torch', 'httpx', 'onnxruntime'} & set(sys.modules))\n"
+              "loaded = sorted({'torch', 'httpx', 'onnxruntime', 'faiss'} & set(sys.modules))\n"
               "print(json.dumps({'code': code, 'loaded': loaded}))\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=100,
                          cwd=tmp_path)

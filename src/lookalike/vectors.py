@@ -25,6 +25,7 @@ result, not an error.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -37,10 +38,25 @@ import numpy as np
 
 from .errors import BadInput
 
-with warnings.catch_warnings():
-    # faiss's SWIG bindings raise DeprecationWarnings about their own types on import.
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import faiss
+
+class _Faiss:
+    """The faiss module, imported on first use: an exact search (any collection under IVF_THRESHOLD, so
+    most by-id queries) never pays its quarter-second import."""
+
+    def __getattr__(self, name: str):
+        return getattr(_import_faiss(), name)
+
+
+@functools.cache
+def _import_faiss():
+    with warnings.catch_warnings():
+        # faiss's SWIG bindings raise DeprecationWarnings about their own types on import.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import faiss
+    return faiss
+
+
+faiss = _Faiss()
 
 METRICS = ("cosine", "l2")
 KINDS = ("auto", "exact", "ivf")
