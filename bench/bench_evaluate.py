@@ -20,7 +20,7 @@ import sqlalchemy as sa
 
 from lookalike.backbones import available_backbones
 from lookalike.db import Database, evaluation_results, images, models, splits
-from lookalike.features import latest_feature_model, load_embeddings
+from lookalike.db import latest_feature_model, load_embeddings
 from lookalike.pipeline import run_pipeline
 from lookalike.samples import render_samples
 

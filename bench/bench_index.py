@@ -60,7 +60,7 @@ for lo in range(0, n, {rows}):
 _OLD_PATH = """
 import sys, numpy as np
 from lookalike.db import Database
-from lookalike.features import latest_feature_model, load_embeddings
+from lookalike.db import latest_feature_model, load_embeddings
 from lookalike.vectors import build_index
 db = Database({url!r})
 with db.engine.connect() as conn:

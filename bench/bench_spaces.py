@@ -34,8 +34,7 @@ import sqlalchemy as sa
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from texture_devset import build_texture_devset  # noqa: E402
 
-from lookalike.db import Database, images  # noqa: E402
-from lookalike.features import latest_feature_model, load_embeddings  # noqa: E402
+from lookalike.db import Database, images, latest_feature_model, load_embeddings  # noqa: E402
 from lookalike.pipeline import run_pipeline  # noqa: E402
 from lookalike.samples import render_samples  # noqa: E402
 from lookalike.spaces import load_space  # noqa: E402

@@ -22,7 +22,7 @@ import numpy as np
 from lookalike.db import Database
 from lookalike.dedupe import (NEAR_DEFAULT_HASH, VERIFIED_MAX_DISTANCE, DedupeSummary, VerifiedThresholds,
                               _hashed_rows, candidate_pairs, hash_matrix)
-from lookalike.features import latest_feature_model, load_embeddings
+from lookalike.db import latest_feature_model, load_embeddings
 from lookalike.verify import load_view, match_geometry
 
 

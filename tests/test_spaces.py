@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from lookalike.db import embeddings, images, now, similarity_spaces, space_vectors, vector_bytes
+from lookalike.db import (Database, embeddings, feature_models, images, load_embeddings, now, similarity_spaces,
+                          space_vectors, vector_bytes)
 from lookalike.errors import Precondition
 from lookalike.evaluate import evaluate_model
 from lookalike.search import similar_images
@@ -107,3 +108,21 @@ def test_tampered_parameters_are_refused(db):
 def test_fit_needs_embeddings(db):
     with pytest.raises(LookupError):   # no feature model at all: the featurize hint
         fit_spaces(db)
+
+
+def test_embeddings_load_by_more_ids_than_one_statement_may_bind(sqlite_url, tmp_path):
+    # SQLite binds at most 32,766 values in a statement: fit loads up to 50,000 sampled ids at once.
+    n = 33_000
+    vectors = np.random.default_rng(4).normal(size=(n, 4)).astype(np.float32)
+    with Database(sqlite_url, tmp_path / "store") as db:
+        with db.begin() as conn:   # in bulk: row by row would take most of a minute
+            model_id = conn.execute(sa.insert(feature_models).values(
+                name="efficientnet-lite0", weights_sha256="0" * 64, dim=4, input_size=224, preprocessing="synthetic",
+                created_at=now()).returning(feature_models.c.id)).scalar_one()
+            conn.execute(sa.insert(images), [{"id": i + 1, "sha256": f"{i:064x}", "source": f"synthetic/{i}",
+                                              "byte_size": 1, "status": "ok", "loaded_at": now()} for i in range(n)])
+            conn.execute(sa.insert(embeddings), [{"image_id": i + 1, "model_id": model_id,
+                                                  "vector": vector_bytes(vectors[i])} for i in range(n)])
+        with db.engine.connect() as conn:
+            ids, matrix = load_embeddings(conn, model_id, np.arange(n, 0, -1))   # every id, in reverse
+    assert ids.tolist() == list(range(1, n + 1)) and np.array_equal(matrix, vectors)

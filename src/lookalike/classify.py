@@ -41,7 +41,8 @@ from .db import (Database, embeddings, images, models, now, recorded_run, scores
                  vector_bytes, vector_from_bytes)
 from .errors import BadInput, Precondition
 from .steps import default
-from .features import DEFAULT_BACKBONE, latest_feature_model
+from .config import DEFAULT_BACKBONE
+from .db import latest_feature_model
 
 # Types a stored classifier may hold beyond those skops trusts by default (scikit-learn
 # estimators, numpy arrays); anything else in a stored model refuses to load.

@@ -58,7 +58,8 @@ from sqlalchemy.engine import Connection
 from tqdm import tqdm
 
 from .config import DEFAULT_BACKBONE
-from .db import Database, dedupe_runs, duplicate_groups, hashed_images, image_hashes, images, now, recorded_run, to_json
+from .db import (Database, dedupe_runs, duplicate_groups, hashed_images, image_hashes, images, latest_feature_model,
+                 load_embeddings, now, recorded_run, to_json)
 from .errors import BadInput, Precondition
 from .hamming import hamming_rows
 from .images import LOSSLESS_FORMATS, ImageError, open_image
@@ -483,7 +484,6 @@ def _group_near(conn: Connection, summary: DedupeSummary) -> None:
 def _group_verified(conn: Connection, db: Database, summary: DedupeSummary, backbone: str,
                     thresholds: VerifiedThresholds, progress: bool) -> None:
     """Candidates from the hash and the embeddings, each verified, then keepers without chaining."""
-    from .features import latest_feature_model, load_embeddings   # torch: only the verified rule needs it
     model_id = latest_feature_model(conn, backbone)
     hashed = _hashed_rows(conn, summary)
     ids, vectors = load_embeddings(conn, model_id)
@@ -733,7 +733,6 @@ def is_duplicate(db: Database, data: bytes, *, rule: str = DEFAULT_RULE, hash_ki
                                       image_hashes.c.hex, image_hashes.c.value, _is_low_detail().label("low_detail"))
                             .select_from(_hashed(hash_kind, size)).where(*where).order_by(images.c.id)).all()
         if rule == "verified" and rows:
-            from .features import latest_feature_model, load_embeddings   # torch: only the verified rule
             ids, vectors = load_embeddings(conn, latest_feature_model(conn, backbone))
     if not rows:
         return []

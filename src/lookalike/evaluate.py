@@ -47,7 +47,8 @@ from .db import (Database, embeddings, evaluation_pairs, evaluation_results, eva
 from .spaces import fitted_spaces, record_default
 from .errors import BadInput, Precondition
 from .steps import default
-from .features import DEFAULT_BACKBONE, latest_feature_model
+from .config import DEFAULT_BACKBONE
+from .db import latest_feature_model
 
 TOP_K = (1, 2, 4, 5, 8, 10, 15, 20, 28, 32)
 RETRIEVAL_K = 10

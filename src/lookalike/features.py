@@ -14,12 +14,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from collections import Counter
 
-import numpy as np
 import sqlalchemy as sa
 
 from .config import DEFAULT_BACKBONE
-from .db import Database, embeddings, feature_models, images, now, recorded_run, vector_bytes, vector_from_bytes
-from .errors import BadInput, Precondition
+from .db import Database, embeddings, feature_models, images, now, recorded_run, vector_bytes
 from .steps import check, default
 
 if TYPE_CHECKING:
@@ -59,28 +57,6 @@ def feature_model_id(db: Database, backbone: Backbone) -> int:
             preprocessing=info.preprocessing, created_at=now()))
         return conn.execute(sa.select(feature_models.c.id).where(
             feature_models.c.name == info.name, feature_models.c.weights_sha256 == info.weights_sha256)).scalar_one()
-
-
-def latest_feature_model(conn, name: str = DEFAULT_BACKBONE) -> int:
-    """The id of the newest feature model with this name; a clear error when none was featurized."""
-    model_id = conn.execute(sa.select(sa.func.max(feature_models.c.id)).where(feature_models.c.name == name)).scalar()
-    if model_id is None:
-        from .backbones import available_backbones
-        if name not in available_backbones():   # a typo, not a missing step
-            raise BadInput(f"unknown backbone {name!r}; available: {', '.join(available_backbones())}")
-        raise Precondition(f"no embeddings for model {name!r}: run `lookalike featurize` first")
-    return model_id
-
-
-def load_embeddings(conn, model_id: int, image_ids=None) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, matrix) of stored embeddings for ``model_id``, ordered by image id."""
-    query = sa.select(embeddings.c.image_id, embeddings.c.vector).where(embeddings.c.model_id == model_id)
-    if image_ids is not None:
-        query = query.where(embeddings.c.image_id.in_(list(map(int, image_ids))))
-    rows = conn.execute(query.order_by(embeddings.c.image_id)).all()
-    ids = np.array([r[0] for r in rows], dtype=np.int64)
-    matrix = np.stack([vector_from_bytes(r[1]) for r in rows]) if rows else np.zeros((0, 0), np.float32)
-    return ids, matrix
 
 
 def featurize_images(db: Database, *, backbone: str = DEFAULT_BACKBONE, device: str = default("featurize", "device"),

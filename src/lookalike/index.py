@@ -771,7 +771,7 @@ class IndexStatus:
 
 
 def _latest_model(db: Database, backbone: str) -> int:
-    from .features import latest_feature_model  # lazy: features imports the backbones
+    from .db import latest_feature_model
     with db.engine.connect() as conn:
         return latest_feature_model(conn, backbone)
 

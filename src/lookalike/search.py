@@ -26,7 +26,8 @@ import sqlalchemy as sa
 from .db import (Database, embeddings, images, latest_classifier_scores, non_keepers, now, query_images,
                  ranking_results, recorded_run, scores, vector_from_bytes)
 from .errors import BadInput, NotFound, Precondition
-from .features import DEFAULT_BACKBONE, latest_feature_model
+from .config import DEFAULT_BACKBONE
+from .db import latest_feature_model, load_embeddings
 from .index import IndexUnavailable, generation, open_index
 from .spaces import BUILT_IN, FITTED, Space, fitted_id, load_space, resolve_space, space_matrix
 from .steps import check, default
@@ -199,7 +200,6 @@ def _load_scores(conn, feature_model_id: int):
 def _fitted_vectors(conn, space: Space) -> tuple[np.ndarray, np.ndarray]:
     """The space's stored vectors, plus those of embeddings added since, projected here (not stored: a
     search writes nothing; featurize stores them)."""
-    from .features import load_embeddings
     ids, matrix = space_matrix(conn, space)
     stored = np.array(conn.execute(sa.select(embeddings.c.image_id).where(
         embeddings.c.model_id == space.feature_model_id)).scalars().all(), dtype=np.int64)

@@ -38,10 +38,10 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from .db import (Database, embeddings, images, now, recorded_run, settings, similarity_spaces, space_vectors, splits,
-                 vector_bytes, vector_from_bytes)
+from .config import DEFAULT_BACKBONE
+from .db import (Database, embeddings, images, latest_feature_model, load_embeddings, now, recorded_run, settings,
+                 similarity_spaces, space_vectors, splits, vector_bytes, vector_from_bytes)
 from .errors import BadInput, Precondition
-from .features import DEFAULT_BACKBONE, latest_feature_model
 from .steps import default
 
 FITTED = ("pca", "learned")             # spaces the fit step makes
@@ -154,7 +154,7 @@ def fit_spaces(db: Database, *, backbone: str = DEFAULT_BACKBONE, seed: int = de
                                    "run `lookalike featurize`")
             rng = np.random.default_rng(seed)
             sample = np.sort(rng.choice(ids, size=min(FIT_SAMPLE, len(ids)), replace=False))
-            X = _vectors(conn, model_id, sample)
+            X = load_embeddings(conn, model_id, sample)[1].astype(np.float64)
             train = conn.execute(
                 sa.select(splits.c.image_id, images.c.label).join(images, images.c.id == splits.c.image_id)
                 .join(embeddings, sa.and_(embeddings.c.image_id == splits.c.image_id,
@@ -172,7 +172,7 @@ def fit_spaces(db: Database, *, backbone: str = DEFAULT_BACKBONE, seed: int = de
             train = [train[i] for i in np.sort(rng.choice(len(train), size=min(FIT_SAMPLE, len(train)), replace=False))]
             train_ids = np.array([row.image_id for row in train], dtype=np.int64)
             with db.engine.connect() as conn:
-                T = _vectors(conn, model_id, train_ids)
+                T = load_embeddings(conn, model_id, train_ids)[1].astype(np.float64)
             lda = _fit_lda(T, np.array([row.label for row in train], dtype=object))
             fitted["learned"] = (lda, replace(pca, weight=1.0 - LEARNED_WEIGHT))
             summary.fitted["learned"] = {"images": len(train), "labels": len(labels),
@@ -183,15 +183,6 @@ def fit_spaces(db: Database, *, backbone: str = DEFAULT_BACKBONE, seed: int = de
         summary.seconds = time.monotonic() - started
         counts.update(fitted=list(summary.fitted), skipped=summary.skipped, projected=summary.projected)
     return summary
-
-
-def _vectors(conn, model_id: int, ids: np.ndarray) -> np.ndarray:
-    rows = {}
-    for start in range(0, len(ids), CHUNK):
-        chunk = [int(i) for i in ids[start:start + CHUNK]]
-        rows.update(conn.execute(sa.select(embeddings.c.image_id, embeddings.c.vector).where(
-            embeddings.c.model_id == model_id, embeddings.c.image_id.in_(chunk))).all())
-    return np.stack([vector_from_bytes(rows[int(i)]) for i in ids]).astype(np.float64)
 
 
 def _fit_pca(X: np.ndarray) -> Part:

@@ -13,7 +13,8 @@ Everything is importable from ``lookalike.db`` itself.
 from .connection import SQLITE_HEADER, Database, describe_db_error, validate_identifier
 from .migrations import MIGRATIONS, SCHEMA_VERSION, Migration
 from .queries import (dedupe_run_rows, duplicates_by_label, embedding_counts, group_member_rows, is_unique_image,
-                      latest_classifier_scores, latest_dedupe_run, latest_evaluation, non_keepers, unique_image_ids)
+                      latest_classifier_scores, latest_dedupe_run, latest_evaluation, latest_feature_model, load_embeddings,
+                      non_keepers, unique_image_ids)
 from .records import committed_since, now, recorded_run, to_json, vector_bytes, vector_from_bytes
 from .schema import (PG_SCHEMA, dedupe_runs, duplicate_decisions, duplicate_groups, embeddings, evaluation_pairs,
                      evaluation_results, evaluations, feature_models, hashed_images, image_hashes, image_sources, images, metadata,
@@ -25,7 +26,8 @@ __all__ = [
     "SQLITE_HEADER", "Database", "describe_db_error", "validate_identifier",
     "MIGRATIONS", "SCHEMA_VERSION", "Migration",
     "dedupe_run_rows", "duplicates_by_label", "embedding_counts", "group_member_rows", "is_unique_image",
-    "latest_classifier_scores", "latest_dedupe_run", "latest_evaluation", "non_keepers", "unique_image_ids",
+    "latest_classifier_scores", "latest_dedupe_run", "latest_evaluation", "latest_feature_model", "load_embeddings",
+    "non_keepers", "unique_image_ids",
     "committed_since", "now", "recorded_run", "to_json", "vector_bytes", "vector_from_bytes",
     "PG_SCHEMA", "dedupe_runs", "duplicate_decisions", "duplicate_groups", "embeddings", "evaluation_pairs",
     "evaluation_results", "evaluations", "feature_models", "hashed_images", "image_hashes", "image_sources", "images", "metadata",

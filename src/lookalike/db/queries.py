@@ -10,11 +10,45 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
+from ..config import DEFAULT_BACKBONE
+from ..errors import BadInput, Precondition
+from .records import vector_from_bytes
+
 from .schema import (dedupe_runs, duplicate_groups, embeddings, evaluation_results, evaluations, feature_models, images,
                      models, scores)
+
+
+def latest_feature_model(conn: Connection, name: str = DEFAULT_BACKBONE) -> int:
+    """The id of the newest feature model with this name; a clear error when none was featurized."""
+    model_id = conn.execute(sa.select(sa.func.max(feature_models.c.id)).where(feature_models.c.name == name)).scalar()
+    if model_id is None:
+        from ..backbones import available_backbones   # lazy, and only here: the backbones import torch
+        if name not in available_backbones():   # a typo, not a missing step
+            raise BadInput(f"unknown backbone {name!r}; available: {', '.join(available_backbones())}")
+        raise Precondition(f"no embeddings for model {name!r}: run `lookalike featurize` first")
+    return model_id
+
+
+IDS_PER_QUERY = 5_000   # ids in one IN list: SQLite takes at most 32,766 bound values in a statement
+
+
+def load_embeddings(conn: Connection, model_id: int, image_ids=None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, matrix) of stored embeddings for ``model_id`` (only those of ``image_ids`` when given), by image id."""
+    query = sa.select(embeddings.c.image_id, embeddings.c.vector).where(embeddings.c.model_id == model_id)
+    if image_ids is None:
+        rows = conn.execute(query.order_by(embeddings.c.image_id)).all()
+    else:
+        wanted = sorted({int(i) for i in image_ids})
+        rows = [row for start in range(0, len(wanted), IDS_PER_QUERY)
+                for row in conn.execute(query.where(embeddings.c.image_id.in_(wanted[start:start + IDS_PER_QUERY]))
+                                        .order_by(embeddings.c.image_id))]
+    ids = np.array([r[0] for r in rows], dtype=np.int64)
+    matrix = np.stack([vector_from_bytes(r[1]) for r in rows]) if rows else np.zeros((0, 0), np.float32)
+    return ids, matrix
 
 
 def latest_dedupe_run() -> sa.ScalarSelect:
