@@ -37,12 +37,11 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sqlalchemy.engine import Connection, Row
 
-from .db import (Database, embeddings, images, models, now, recorded_run, scores, splits,
+from .config import DEFAULT_BACKBONE
+from .db import (Database, embeddings, images, latest_feature_model, models, now, recorded_run, scores, splits,
                  vector_bytes, vector_from_bytes)
 from .errors import BadInput, Precondition
 from .steps import default
-from .config import DEFAULT_BACKBONE
-from .db import latest_feature_model
 
 # Types a stored classifier may hold beyond those skops trusts by default (scikit-learn
 # estimators, numpy arrays); anything else in a stored model refuses to load.

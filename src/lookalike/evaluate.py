@@ -42,13 +42,12 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from .db import (Database, embeddings, evaluation_pairs, evaluation_results, evaluations, images,
-                 latest_classifier_scores, now, recorded_run, splits, vector_from_bytes)
-from .spaces import fitted_spaces, record_default
-from .errors import BadInput, Precondition
-from .steps import default
 from .config import DEFAULT_BACKBONE
-from .db import latest_feature_model
+from .db import (Database, embeddings, evaluation_pairs, evaluation_results, evaluations, images,
+                 latest_classifier_scores, latest_feature_model, now, recorded_run, splits, vector_from_bytes)
+from .errors import BadInput, Precondition
+from .spaces import fitted_spaces, record_default
+from .steps import default
 
 TOP_K = (1, 2, 4, 5, 8, 10, 15, 20, 28, 32)
 RETRIEVAL_K = 10

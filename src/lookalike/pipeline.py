@@ -1,4 +1,5 @@
-"""The whole workflow in one call: load → hash → featurize → dedupe → split → train → evaluate → rank.
+"""The whole workflow in one call: load → hash → featurize → index → dedupe → split → train → fit → evaluate
+→ rank.
 
 Featurize comes before dedupe because the default (verified) dedupe rule checks
 candidate pairs by their embeddings. A collection without labels skips split,
@@ -93,17 +94,17 @@ def run_pipeline(db: Database, source: str | Path | None = None, *, progress: bo
             # Now, not on the first search after the run: build the vector index or catch it up.
             step("index", lambda: refresh_index(db, backbone=values["backbone"]))
             step("dedupe", lambda: dedupe_images(db, **kwargs("dedupe"), progress=progress))
-            if has_labels(db):
+            labelled = has_labels(db)   # without labels: similar, duplicates and export need none of these
+            if labelled:
                 step("split", lambda: split_images(db, **kwargs("split")))
                 from .classify import train_classifier   # here: scikit-learn and skops only where there are labels
                 step("train", lambda: train_classifier(db, **kwargs("train")))
-                step("fit", lambda: fit_spaces(db, **kwargs("fit"), progress=progress))
+            step("fit", lambda: fit_spaces(db, **kwargs("fit"), progress=progress))   # learned needs the split
+            if labelled:
                 step("evaluate", lambda: evaluate_model(db, **kwargs("evaluate")))
-            else:   # a catalogue without labels: similar, duplicates and export need none of these
+            else:
                 summary.skipped += [(name, f"no image has a label ({name} needs labels)")
-                                    for name in ("split", "train")]
-                step("fit", lambda: fit_spaces(db, **kwargs("fit"), progress=progress))   # the label-free space
-                summary.skipped.append(("evaluate", "no image has a label (evaluate needs labels)"))
+                                    for name in ("split", "train", "evaluate")]
             default_queries(db)
             if has_queries(db):
                 step("rank", lambda: rank_queries(db, **kwargs("rank")))

@@ -23,11 +23,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import sqlalchemy as sa
 
-from .db import (Database, embeddings, images, latest_classifier_scores, non_keepers, now, query_images,
-                 ranking_results, recorded_run, scores, vector_from_bytes)
-from .errors import BadInput, NotFound, Precondition
 from .config import DEFAULT_BACKBONE
-from .db import latest_feature_model, load_embeddings
+from .db import (Database, embeddings, images, latest_classifier_scores, latest_feature_model, load_embeddings,
+                 non_keepers, now, query_images, ranking_results, recorded_run, scores, vector_from_bytes)
+from .errors import BadInput, NotFound, Precondition
 from .index import IndexUnavailable, generation, open_index
 from .spaces import BUILT_IN, FITTED, Space, fitted_id, load_space, resolve_space, space_matrix
 from .steps import check, default
