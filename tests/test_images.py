@@ -172,3 +172,27 @@ def test_a_huge_png_is_refused_before_its_pixels_are_allocated() -> None:
     *reasons, grown_mb = result.stdout.split("\n")[:-1]
     assert reasons == ["too many pixels: 9000x9000 is 81.0 megapixels, over the limit of 40"] * 2
     assert int(grown_mb) < 50  # MB of peak memory the two refusals added
+
+
+def test_bombs_are_refused_alike_when_threads_decode_at_once(bad_corpus: Path) -> None:
+    # inspect and ingest decode in threads; a per-call warnings switch raced there and
+    # let a warning-size bomb through to a different refusal (a CI failure).
+    from concurrent.futures import ThreadPoolExecutor
+    bomb, ok = (bad_corpus / "bomb_warning.png").read_bytes(), (bad_corpus / "cmyk.jpg").read_bytes()
+
+    def reason(data: bytes) -> str:
+        try:
+            open_image(data)
+            return "decoded"
+        except ImageError as exc:
+            return str(exc)
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)   # threads swap often, so a race shows in a few hundred calls
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            reasons = list(pool.map(reason, [bomb, ok] * 300))
+    finally:
+        sys.setswitchinterval(switch)
+    assert set(reasons[0::2]) == {"decompression bomb: Image size (100000000 pixels) exceeds limit of 89478485 pixels"}
+    assert set(reasons[1::2]) == {"decoded"}

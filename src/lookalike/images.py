@@ -23,8 +23,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import BadInput
 
 # Pillow's own default (about 89 megapixels): above it Pillow warns, above twice
-# it raises. We make the warning an error too, so a bomb never gets decoded.
+# it raises. _decode refuses what Pillow would only warn about, by its own size
+# check: the warnings filter is process-wide and not thread-safe (inspect and
+# ingest decode in threads), so switching it per call let bombs through a race.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 # What one query or thumbnail may decode (web, `similar`): larger JPEGs decode at
 # 1/2, 1/4 or 1/8 scale to fit, other formats are refused before any pixel is
 # allocated. Decoding an RGB PNG of this size peaks at about 180 MB (measured).
@@ -125,12 +128,14 @@ def _jpeg_draft(size: tuple[int, int], draft: tuple[int, int] | None,
 def _decode(source: Source, draft: tuple[int, int] | None,
             max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, str]:
     file = _as_file(source)
-    with file, warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+    with file:
         try:
             img = Image.open(file)
             fmt = img.format or "unknown"
             width, height = img.size  # from the header: nothing is decoded yet
+            if width * height > MAX_PIXELS:   # Pillow's own wording, as when it raises
+                raise ImageError(f"decompression bomb: Image size ({width * height} pixels) exceeds "
+                                 f"limit of {MAX_PIXELS} pixels")
             request = _jpeg_draft(img.size, draft, max_pixels) if fmt == "JPEG" else None
             if request is not None:
                 img.draft("RGB", request)
@@ -141,7 +146,7 @@ def _decode(source: Source, draft: tuple[int, int] | None,
             img.load()
         except ImageError:
             raise  # our own refusal, as it is (an ImageError is a ValueError too)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        except Image.DecompressionBombError as exc:
             raise ImageError(f"decompression bomb: {exc}".split(" could be")[0].rstrip(",")) from None
         except UnidentifiedImageError:
             raise ImageError(_unidentified_reason(file)) from None
