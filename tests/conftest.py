@@ -63,6 +63,16 @@ def db(request, tmp_path):
 
 
 @pytest.fixture(scope="session")
+def spark():
+    """One local Spark session (two cores) per test worker: a JVM start costs about 15 s."""
+    from lookalike.spark.session import spark_session
+    session = spark_session("local[2]", app="lookalike-tests")
+    session.conf.set("spark.sql.shuffle.partitions", "4")   # the default 200 is slow on small data
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
 def sample_images() -> dict[str, bytes]:
     """Encoded sample images: ``a.jpg`` (64x48), ``b.png`` (40x32), ``c.jpg`` (60x80)."""
     return make_sample_images()

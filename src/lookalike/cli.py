@@ -20,7 +20,8 @@ from . import __version__
 from .config import mask_secrets
 from .errors import EXIT_BROKEN_PIPE, EXIT_BUG, EXIT_INTERRUPTED, EXIT_USER_ERROR, describe
 from .store import DEFAULT_GRACE_S, StoreError
-from .steps import INDEX_ACTIONS, REQUIRED, REVIEW_ACTIONS, RUN_STEPS, STEPS, Param, procedures_sql, run_params
+from .steps import (INDEX_ACTIONS, REQUIRED, REVIEW_ACTIONS, RUN_STEPS, SPARK_JOBS, STEPS, Param, Step, procedures_sql,
+                    run_params)
 
 log = logging.getLogger("lookalike")
 
@@ -345,6 +346,16 @@ def cmd_index(args) -> int:
     return 0
 
 
+def cmd_spark(args) -> int:
+    from importlib import import_module   # lazy: a cold --help loads neither pyspark nor a step
+    step = SPARK_JOBS[args.job]
+    module, function = step.function.rsplit(".", 1)
+    with _open_db(args) as db:
+        summary = getattr(import_module(f"lookalike.{module}"), function)(db, **step.kwargs(vars(args)))
+    print("\n".join(summary.lines()))
+    return 0
+
+
 def cmd_similar(args) -> int:
     from .search import query_bytes, similar_images  # lazy: a cold --help loads no step
     # A path or URL is read once: the search and the contact sheet use the same bytes.
@@ -476,10 +487,14 @@ def _add_param(p: argparse.ArgumentParser, param: Param) -> None:
 def _step_parser(sub, common: argparse.ArgumentParser, name: str, func) -> argparse.ArgumentParser:
     """The sub-command of registry step ``name``, every parameter from the registry; ``func`` runs it."""
     step = STEPS[name]
-    p = sub.add_parser(name, parents=[common], help=step.help)
+    p = _add_step_params(sub.add_parser(name, parents=[common], help=step.help), step)
+    p.set_defaults(func=func)
+    return p
+
+
+def _add_step_params(p: argparse.ArgumentParser, step: Step) -> argparse.ArgumentParser:
     for param in step.params:
         _add_param(p, param)
-    p.set_defaults(func=func)
     return p
 
 
@@ -563,10 +578,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", parents=[common], help="the vector index beside the image store: status, rebuild")
     isub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     for name, step in INDEX_ACTIONS.items():
-        a = isub.add_parser(name, parents=[common], help=step.help)
-        for param in step.params:
-            _add_param(a, param)
-        a.set_defaults(func=cmd_index)
+        _add_step_params(isub.add_parser(name, parents=[common], help=step.help), step).set_defaults(func=cmd_index)
+
+    p = sub.add_parser("spark", parents=[common], help="hash, featurize, near-duplicates and the index on "
+                       "Apache Spark (local[*] or a cluster)")
+    jobs = p.add_subparsers(dest="job", required=True, metavar="JOB")
+    for name, step in SPARK_JOBS.items():
+        _add_step_params(jobs.add_parser(name, parents=[common], help=step.help), step).set_defaults(func=cmd_spark)
 
     p = sub.add_parser("run", parents=[common], help="the whole pipeline: " + ", ".join(RUN_STEPS))
     for param in run_params():

@@ -219,6 +219,11 @@ INDEX_ACTIONS: dict[str, Step] = {step.name: step for step in [
         BACKBONE, INDEX_KIND)),
 ]}
 
+# `lookalike spark JOB`: the steps on Apache Spark (lookalike.spark). Each job takes --master.
+SPARK_MASTER = Param("master", str, "local[*]", "Spark master: local[*], spark://host:7077, yarn, k8s://…")
+SPARK_JOBS: dict[str, Step] = {step.name: step for step in [
+]}
+
 # `lookalike run`: these steps in this order (featurize before dedupe: the verified rule compares
 # embeddings). Its options are theirs, by run name; one option may feed several steps (seed, backbone).
 RUN_STEPS = ("load", "hash", "featurize", "dedupe", "split", "train", "fit", "evaluate", "rank")
