@@ -42,7 +42,7 @@ import sys
 import time
 import uuid
 from collections import Counter, defaultdict
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +58,7 @@ from .errors import BadInput
 from .steps import STEPS, default
 from .images import EXTENSIONS
 from .store import DEFAULT_GRACE_S, sha256_hex
+from .workpool import completed
 
 DEFAULT_CONCURRENCY = default("export", "concurrency")
 CONNECTION_STRING_ENV = default("export", "connection_string_env")
@@ -725,38 +726,24 @@ def _export_objects(db: Database, target: Target, objects: tuple[ExportObject, .
                     dry_run: bool, concurrency: int, progress: bool) -> None:
     bar = tqdm(total=len(objects), unit="img", desc="export", disable=not progress, leave=False)
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="export")
-    queue = iter(objects)
-    in_flight: dict[Future, ExportObject] = {}
     try:
-        while True:
-            # Bounded window: memory stays flat however many images there are.
-            while len(in_flight) < concurrency * 4:
-                obj = next(queue, None)
-                if obj is None:
-                    break
-                in_flight[pool.submit(_export_one, db, target, obj, dry_run)] = obj
-            if not in_flight:
-                break
-            finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-            for future in finished:
-                obj = in_flight.pop(future)
-                try:
-                    written = future.result()
-                except (OSError, ValueError) as exc:
-                    summary.failed[obj.key] = str(exc) or type(exc).__name__
+        for obj, future in completed(pool, lambda obj: _export_one(db, target, obj, dry_run), objects,
+                                     window=concurrency * 4):
+            try:
+                written = future.result()
+            except (OSError, ValueError) as exc:
+                summary.failed[obj.key] = str(exc) or type(exc).__name__
+            else:
+                if written is None:
+                    summary.already_there += 1
                 else:
-                    if written is None:
-                        summary.already_there += 1
-                    else:
-                        summary.uploaded += 1
-                        summary.bytes_uploaded += written
-                        if dry_run:
-                            summary.would_write.append(obj.key)
-                bar.update(1)
+                    summary.uploaded += 1
+                    summary.bytes_uploaded += written
+                    if dry_run:
+                        summary.would_write.append(obj.key)
+            bar.update(1)
     except KeyboardInterrupt:
         summary.interrupted = True
-        for future in in_flight:
-            future.cancel()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()

@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -35,6 +35,7 @@ from .errors import BadInput
 from .images import ImageError, probe
 from .net import DEFAULT_CONCURRENCY, FetchError, FetchLimits, fetch, fs_bytes, fs_str, make_client, read_file
 from .store import sha256_hex
+from .workpool import completed
 
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 MAX_LINE_CHARS = 8192           # a manifest line; bounds every field stored from it
@@ -307,30 +308,17 @@ def load_images(db: Database, source: str | Path | Iterable[Item], *, label_colu
         bar = tqdm(total=len(todo), unit="img", desc="load", disable=not progress, leave=False)
         client = make_client(limits, concurrency)
         pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="load")
-        queue = iter(todo)
-        in_flight: set[Future] = set()
         try:
-            while True:
-                # Bounded window: memory stays flat however long the list is.
-                while len(in_flight) < concurrency * 4:
-                    item = next(queue, None)
-                    if item is None:
-                        break
-                    in_flight.add(pool.submit(_fetch_and_store, item, db, client, limits))
-                if not in_flight:
-                    break
-                finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    pending_rows.append(future.result())
-                    bar.update(1)
+            for _, future in completed(pool, lambda item: _fetch_and_store(item, db, client, limits), todo,
+                                       window=concurrency * 4):
+                pending_rows.append(future.result())
+                bar.update(1)
                 if len(pending_rows) >= COMMIT_EVERY or time.monotonic() - last_commit > COMMIT_SECONDS:
                     _record(db, pending_rows, summary, order)
                     pending_rows, last_commit = [], time.monotonic()
             _record(db, pending_rows, summary, order)
         except KeyboardInterrupt:
             summary.interrupted = True
-            for future in in_flight:
-                future.cancel()
             _record(db, pending_rows, summary, order)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)

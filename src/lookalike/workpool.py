@@ -1,0 +1,37 @@
+"""Calls on a thread pool, a bounded window of them at a time (load, export)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import TypeVar
+
+Item = TypeVar("Item")
+_END = object()
+
+
+def completed(pool: ThreadPoolExecutor, call: Callable[[Item], object], items: Iterable[Item],
+              window: int) -> Iterator[tuple[Item, Future]]:
+    """``(item, future)`` for each item as ``call(item)`` finishes, in the order they finish.
+
+    At most ``window`` calls are submitted at once, so memory stays flat however
+    many items there are. When the caller stops (an interrupt, an exception, or
+    closing the generator) the calls not yet started are cancelled.
+    """
+    queue = iter(items)
+    in_flight: dict[Future, Item] = {}
+    try:
+        while True:
+            while len(in_flight) < window:
+                item = next(queue, _END)
+                if item is _END:
+                    break
+                in_flight[pool.submit(call, item)] = item
+            if not in_flight:
+                return
+            finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            for future in finished:
+                yield in_flight.pop(future), future
+    finally:
+        for future in in_flight:
+            future.cancel()
