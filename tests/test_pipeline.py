@@ -19,10 +19,13 @@ import sqlalchemy as sa
 from nbclient import NotebookClient
 from PIL import Image
 
+from lookalike.config import DEFAULT_BACKBONE
 from lookalike.db import Database, embeddings, images, models, runs, splits
+from lookalike.db.queries import latest_feature_model
 from lookalike.pipeline import run_pipeline
 from lookalike.samples import render_samples
 from lookalike.search import similar_images
+from lookalike.spaces import resolve_space
 from support.cli import lookalike
 
 LOOKALIKE = [sys.executable, "-m", "lookalike.cli"]
@@ -176,6 +179,9 @@ def test_notebook_runs(sqlite_run):
     outputs = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
                       for o in cell.get("outputs", []))
     assert "similarity" in outputs and outputs.count("image ") >= 10
+    with db.engine.connect() as conn:   # `auto`: the space evaluate recorded as the best answered
+        recorded = resolve_space(conn, "auto", latest_feature_model(conn, DEFAULT_BACKBONE))
+    assert f"space: {recorded}\n" in outputs
 
 
 @pytest.mark.slow
