@@ -16,7 +16,7 @@ Sets:
 
 Targets (issue 15): default space top-1 >= 0.90 on both sets; pca beats the raw embeddings label-free.
 
-    python bench/bench_spaces.py [--quick] [--sets sample,texture]
+    python bench/bench_spaces.py [--quick] [--sets sample,texture] [--backbone efficientnet-lite0-dual]
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import sqlalchemy as sa
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from texture_devset import build_texture_devset  # noqa: E402
 
+from lookalike.config import DEFAULT_BACKBONE  # noqa: E402
 from lookalike.db import Database, images, latest_feature_model, load_embeddings  # noqa: E402
 from lookalike.pipeline import run_pipeline  # noqa: E402
 from lookalike.samples import render_samples  # noqa: E402
@@ -42,10 +43,10 @@ from lookalike.spaces import load_space  # noqa: E402
 MEASURES = ("top1", "top5", "mean_rank", "map@10")
 
 
-def quality_table(manifest: Path, work: Path, name: str) -> None:
+def quality_table(manifest: Path, work: Path, name: str, backbone: str) -> None:
     started = time.monotonic()
     with Database(f"sqlite:///{work}/{name}.db", work / f"{name}-store") as db:
-        summary = run_pipeline(db, manifest, seed=0, progress=False)
+        summary = run_pipeline(db, manifest, seed=0, backbone=backbone, progress=False)
         evaluation = next(lines for step, _, lines in summary.steps if step == "evaluate")
     print(f"\n{name}: {evaluation[0]} ({time.monotonic() - started:.0f} s)")
     print(f"  {'space':<11}" + "".join(f"{m:>10}" for m in MEASURES))
@@ -58,7 +59,7 @@ def quality_table(manifest: Path, work: Path, name: str) -> None:
     print("\n".join(line for line in evaluation if "default space" in line or "note" in line))
 
 
-def label_free(manifest: Path, work: Path) -> None:
+def label_free(manifest: Path, work: Path, backbone: str) -> None:
     """The set loaded as a flat folder: pca against raw embeddings, by nearest-neighbour label agreement."""
     label_of_file = {}
     with open(manifest, newline="") as f:
@@ -71,9 +72,9 @@ def label_free(manifest: Path, work: Path) -> None:
             for image in label_dir.iterdir():
                 (flat / image.name).symlink_to(image)
     with Database(f"sqlite:///{work}/flat.db", work / "flat-store") as db:
-        summary = run_pipeline(db, flat, seed=0, progress=False)
+        summary = run_pipeline(db, flat, seed=0, backbone=backbone, progress=False)
         with db.engine.connect() as conn:
-            model_id = latest_feature_model(conn)
+            model_id = latest_feature_model(conn, backbone)
             space = load_space(conn, "pca", model_id)
             ids, raw = load_embeddings(conn, model_id)
             names = dict(conn.execute(sa.select(images.c.id, images.c.source)).all())
@@ -93,17 +94,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="40 sample originals per label instead of 100")
     parser.add_argument("--sets", default="sample,texture", help="comma-separated: sample, texture")
+    parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="the feature model every space is fitted on")
     args = parser.parse_args()
     sets = args.sets.split(",")
+    print(f"backbone: {args.backbone}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if "sample" in sets:
             samples = render_samples(work / "samples", per_label=40 if args.quick else 100, seed=0)
-            quality_table(samples.manifest, work, "sample")
+            quality_table(samples.manifest, work, "sample", args.backbone)
         if "texture" in sets:
             manifest = build_texture_devset()
-            quality_table(manifest, work, "texture")
-            label_free(manifest, work)
+            quality_table(manifest, work, "texture", args.backbone)
+            label_free(manifest, work, args.backbone)
 
 
 if __name__ == "__main__":

@@ -235,3 +235,18 @@ def test_texture_backbone_sees_only_the_middle_without_colour():
     assert array.max() > 200 and array.min() < 50          # the stripes, not the blue border (grey 29)
     plain = load_backbone()
     assert not np.allclose(texture.embed([img]), plain.embed([img]), atol=1e-3)
+
+
+def test_dual_backbone_joins_both_views_at_equal_weight(sample_images: dict[str, bytes]):
+    dual, frame, texture = (load_backbone(name) for name in
+                            ("efficientnet-lite0-dual", "efficientnet-lite0", "efficientnet-lite0-texture"))
+    assert dual.info.dim == 2560 and dual.info.weights_sha256 == frame.info.weights_sha256
+    images = [open_image(data) for data in list(sample_images.values())[:3]]   # no draft: both decode in full
+    joined = dual.embed(images)
+    assert joined.shape == (3, 2560)
+    np.testing.assert_allclose(np.linalg.norm(joined, axis=1), 1.0, atol=1e-5)
+    # Each half is that view's own embedding, scaled by 1/sqrt(2): a cosine is the mean of the views' cosines.
+    np.testing.assert_allclose(joined[:, :1280] * np.sqrt(2), frame.embed(images), atol=1e-4)
+    np.testing.assert_allclose(joined[:, 1280:] * np.sqrt(2), texture.embed(images), atol=1e-4)
+    with pytest.raises(NotImplementedError, match="no classifier"):
+        dual.classify(images)

@@ -206,6 +206,39 @@ class EfficientNetLite0Texture(EfficientNetLite0):
         return np.array(patch.resize((LITE0_SIZE, LITE0_SIZE), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
+DUAL_PREPROCESSING = (f"two views, each embedded and L2-normalised, then joined (2560-d): [{LITE0_PREPROCESSING}] "
+                      f"beside [{TEXTURE_PREPROCESSING}]; full decode")
+
+
+class EfficientNetLite0Dual(EfficientNetLite0):
+    """Both views in one embedding: the whole frame (colour, silhouette) beside its centre in grey (pattern).
+
+    For collections told apart by material or pattern. With the dual view the learned space measured top-1
+    0.51 against 0.37 on real texture photographs, and the raw embeddings 0.45 against 0.07 on the sample
+    garments (bench/bench_spaces.py --backbone). The network runs twice per image, so featurize takes about
+    twice as long; the verified dedupe's thresholds were calibrated on the whole-frame embeddings.
+    """
+
+    draft = None  # the texture view upscales its crop: decode at full size
+
+    def __init__(self, device: str = "cpu"):
+        super().__init__(device)   # the same network (and ONNX file), run on both views
+        self.info = BackboneInfo(name="efficientnet-lite0-dual", dim=2 * 1280, input_size=LITE0_SIZE,
+                                 preprocessing=DUAL_PREPROCESSING, weights_sha256=self.info.weights_sha256)
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        return np.stack([EfficientNetLite0.preprocess(self, image), EfficientNetLite0Texture.preprocess(self, image)])
+
+    def features(self, batch: np.ndarray) -> np.ndarray:
+        views = super().features(batch.reshape(-1, *batch.shape[2:])).reshape(len(batch), 2, -1)
+        # Each view at unit length, so neither outweighs the other in a cosine.
+        views = views / np.maximum(np.linalg.norm(views, axis=2, keepdims=True), 1e-12)
+        return views.reshape(len(batch), -1)
+
+    def classify(self, images: Sequence[Image.Image]) -> np.ndarray:
+        raise NotImplementedError(f"backbone {self.info.name!r} has no classifier")
+
+
 def _fold_batch_norms(model: torch.nn.Module) -> None:
     """Fold each inference-mode batch norm into the convolution before it (about 15% faster on CPU)."""
     pairs = [(model, "_conv_stem", "_bn0"), (model, "_conv_head", "_bn1")]
@@ -302,7 +335,8 @@ def file_sha256(path: Path) -> str:
 # --------------------------------------------------------------------------- registry
 
 _FACTORIES: dict[str, Callable[[str], Backbone]] = {DEFAULT_BACKBONE: EfficientNetLite0,
-                                                    "efficientnet-lite0-texture": EfficientNetLite0Texture}
+                                                    "efficientnet-lite0-texture": EfficientNetLite0Texture,
+                                                    "efficientnet-lite0-dual": EfficientNetLite0Dual}
 _LOADED: dict[tuple[str, str], Backbone] = {}
 _LOCK = threading.Lock()
 
