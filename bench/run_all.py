@@ -12,7 +12,7 @@ from pathlib import Path
 
 BENCHES = ["bench_load", "bench_hashing", "bench_neardup", "bench_dedupe_quality", "bench_dedupe_speed", "bench_featurize",
            "bench_evaluate", "bench_search", "bench_index", "bench_api", "bench_export", "bench_plpython",
-           "bench_inspect", "bench_spaces"]
+           "bench_inspect", "bench_spaces", "bench_spark_featurize", "bench_spark_neardup"]
 
 
 def main() -> int:

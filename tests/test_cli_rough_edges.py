@@ -49,7 +49,7 @@ def test_similar_names_a_missing_image_and_an_unknown_backbone(labelled):
     assert unknown.code == 2
     # (other tests may register backbones of their own in this process: they are listed after these)
     assert unknown.err.startswith("error: unknown backbone 'effnet'; available: efficientnet-lite0, "
-                                  "efficientnet-lite0-texture"), unknown.err
+                                  "efficientnet-lite0-dual, efficientnet-lite0-texture"), unknown.err
 
 
 def test_errors_use_the_flags_and_suggest_what_was_meant(tmp_path):

@@ -20,8 +20,8 @@ from . import __version__
 from .config import mask_secrets
 from .errors import EXIT_BROKEN_PIPE, EXIT_BUG, EXIT_INTERRUPTED, EXIT_USER_ERROR, describe
 from .store import DEFAULT_GRACE_S, StoreError
-from .steps import (INDEX_ACTIONS, REQUIRED, REVIEW_ACTIONS, RUN_STEPS, SPARK_JOBS, STEPS, Param, Step, procedures_sql,
-                    run_params)
+from .steps import (IMPORT, INDEX_ACTIONS, REQUIRED, REVIEW_ACTIONS, RUN_STEPS, SPARK_JOBS, STEPS, Param, Step,
+                    procedures_sql, run_params)
 
 log = logging.getLogger("lookalike")
 
@@ -144,10 +144,8 @@ def cmd_removable(args) -> int:
     from .review import removable_images  # lazy: a cold --help loads no step
     with _open_db(args) as db:
         found = removable_images(db)
-    if args.json:
-        print(json.dumps([r.as_dict() for r in found], indent=2))
-    else:  # one line each: store path, tab, first source
-        print("\n".join(f"{r.path}\t{r.source}" for r in found))
+    # One line each: store path, tab, first source.
+    _print_records(args, found, lambda: [f"{r.path}\t{r.source}" for r in found])
     print(f"{len(found)} removable images (non-keepers of the latest dedupe run); lookalike deletes nothing",
           file=sys.stderr)
     return 0
@@ -157,15 +155,17 @@ def cmd_decisions(args) -> int:
     from .review import list_decisions  # lazy: a cold --help loads no step
     with _open_db(args) as db:
         found = list_decisions(db)
-    if args.json:
-        print(json.dumps([d.as_dict() for d in found], indent=2))
-        return 0
-    print("no review decisions yet" if not found else
-          f"{'id':>5}  {'when':<25} {'by':<16} {'decision':<13} {'image':>7} {'other':>7} {'group':>7}  note")
-    for d in found:
-        print(f"{d.id:>5}  {d.decided_at:<25} {d.decided_by:<16} {d.decision:<13} {d.image_id:>7} "
-              f"{d.other_id or '':>7} {d.group_id or '':>7}  {d.note or ''}")
+    _print_records(args, found, lambda: [
+        "no review decisions yet" if not found else
+        f"{'id':>5}  {'when':<25} {'by':<16} {'decision':<13} {'image':>7} {'other':>7} {'group':>7}  note"] + [
+        f"{d.id:>5}  {d.decided_at:<25} {d.decided_by:<16} {d.decision:<13} {d.image_id:>7} "
+        f"{d.other_id or '':>7} {d.group_id or '':>7}  {d.note or ''}" for d in found])
     return 0
+
+
+def _print_records(args, records: list, lines) -> None:
+    """``records`` as a JSON list with ``--json``, else the ``lines()`` a person reads."""
+    print(json.dumps([r.as_dict() for r in records], indent=2) if args.json else "\n".join(lines()))
 
 
 def cmd_uniques(args) -> int:
@@ -353,6 +353,13 @@ def cmd_spark(args) -> int:
     with _open_db(args) as db:
         summary = getattr(import_module(f"lookalike.{module}"), function)(db, **step.kwargs(vars(args)))
     print("\n".join(summary.lines()))
+    return 0
+
+
+def cmd_import(args) -> int:
+    from .importing import import_output  # lazy: a cold --help loads no step
+    with _open_db(args) as db:
+        print("\n".join(import_output(db, **IMPORT.kwargs(vars(args))).lines()))
     return 0
 
 
@@ -585,6 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = p.add_subparsers(dest="job", required=True, metavar="JOB")
     for name, step in SPARK_JOBS.items():
         _add_step_params(jobs.add_parser(name, parents=[common], help=step.help), step).set_defaults(func=cmd_spark)
+    _add_step_params(sub.add_parser("import", parents=[common], help=IMPORT.help), IMPORT).set_defaults(func=cmd_import)
 
     p = sub.add_parser("run", parents=[common], help="the whole pipeline: " + ", ".join(RUN_STEPS))
     for param in run_params():

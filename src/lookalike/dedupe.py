@@ -49,6 +49,7 @@ import json
 import sys
 import threading
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -81,6 +82,8 @@ NEAR_DEFAULT_HASH = ("dhash_rowcol", 8)
 DEFAULT_MAX_DISTANCE = 10   # bits, for NEAR_DEFAULT_HASH; other hashes get the same share of their bits
 VERIFIED_MAX_DISTANCE = 16  # bits of NEAR_DEFAULT_HASH within which a pair is a verified-rule candidate
 DHASH_ROWCOL_SIZES = range(1, 9)
+# (image ids, hashes, max_distance) -> (i, j, distance) row positions, as pairs_within gives them
+PairSearch = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -176,21 +179,9 @@ class DedupeSummary:
         return out
 
 
-def dedupe_images(db: Database, *, rule: str = DEFAULT_RULE, hash_kind: str | None = None, size: int | None = None,
-                  max_distance: int | None = None, per_label: bool = False, include_low_detail: bool = False,
-                  backbone: str = DEFAULT_BACKBONE, thresholds: VerifiedThresholds = VerifiedThresholds(),
-                  progress: bool | None = None) -> DedupeSummary:
-    """Group duplicate images and record a dedupe run; return its summary.
-
-    ``hash_kind``/``size`` default per rule (:data:`EXACT_DEFAULT_HASH`,
-    :data:`NEAR_DEFAULT_HASH`); ``max_distance`` is the near rule's radius
-    (default :func:`default_max_distance` of the hash) or the verified rule's
-    candidate radius (default :data:`VERIFIED_MAX_DISTANCE`). ``per_label``
-    groups only images with the same label. The verified rule reads the
-    embeddings of ``backbone``. Raises ``ValueError`` for a parameter that
-    cannot work and ``LookupError`` when there is nothing to dedupe yet; either
-    way no run is recorded.
-    """
+def rule_hash(rule: str, hash_kind: str | None, size: int | None,
+              max_distance: int | None) -> tuple[str, int, int | None]:
+    """The hash kind, size and radius a run of ``rule`` compares: defaults filled in, each checked."""
     if rule not in RULES:
         raise BadInput(f"unknown dedupe rule {rule!r}; use one of: {', '.join(RULES)}")
     default_kind, default_size = EXACT_DEFAULT_HASH if rule == "exact" else NEAR_DEFAULT_HASH
@@ -211,6 +202,27 @@ def dedupe_images(db: Database, *, rule: str = DEFAULT_RULE, hash_kind: str | No
         if not 0 <= max_distance < bits:
             raise BadInput(f"the maximum distance must be between 0 and {bits - 1} bits for {hash_kind} "
                            f"size {size} ({bits} bits), not {max_distance}")
+    return hash_kind, size, max_distance
+
+
+def dedupe_images(db: Database, *, rule: str = DEFAULT_RULE, hash_kind: str | None = None, size: int | None = None,
+                  max_distance: int | None = None, per_label: bool = False, include_low_detail: bool = False,
+                  backbone: str = DEFAULT_BACKBONE, thresholds: VerifiedThresholds = VerifiedThresholds(),
+                  progress: bool | None = None, pair_search: PairSearch | None = None) -> DedupeSummary:
+    """Group duplicate images and record a dedupe run; return its summary.
+
+    ``hash_kind``/``size`` default per rule (:data:`EXACT_DEFAULT_HASH`,
+    :data:`NEAR_DEFAULT_HASH`); ``max_distance`` is the near rule's radius
+    (default :func:`default_max_distance` of the hash) or the verified rule's
+    candidate radius (default :data:`VERIFIED_MAX_DISTANCE`). ``per_label``
+    groups only images with the same label. The verified rule reads the
+    embeddings of ``backbone``. ``pair_search(ids, hashes, max_distance)``
+    finds the near rule's pairs in place of :func:`pairs_within` (the Spark job
+    passes its distributed search, which gives the same pairs). Raises
+    ``ValueError`` for a parameter that cannot work and ``LookupError`` when
+    there is nothing to dedupe yet; either way no run is recorded.
+    """
+    hash_kind, size, max_distance = rule_hash(rule, hash_kind, size, max_distance)
     if rule == "verified":
         include_low_detail = True   # verified, not excluded: their embeddings and geometry still tell
     params = dict(rule=rule, hash_kind=hash_kind, hash_size=size, max_distance=max_distance,
@@ -228,7 +240,7 @@ def dedupe_images(db: Database, *, rule: str = DEFAULT_RULE, hash_kind: str | No
             if rule == "exact":
                 _group_exact(conn, summary)
             elif rule == "near":
-                _group_near(conn, summary)
+                _group_near(conn, summary, pair_search)
             else:
                 _group_verified(conn, db, summary, backbone, thresholds, progress)
             rows = conn.execute(
@@ -464,14 +476,17 @@ def _same_label(rows: list, first: np.ndarray, second: np.ndarray) -> np.ndarray
     return labels[first] == labels[second]
 
 
-def _group_near(conn: Connection, summary: DedupeSummary) -> None:
+def _group_near(conn: Connection, summary: DedupeSummary, pair_search: PairSearch | None) -> None:
     """Pairs within the radius (exact search) → keepers, each member within the radius of its keeper."""
     rows = _hashed_rows(conn, summary)
     if len(rows) < 2:
         return
     hashes = hash_matrix(summary.hash_kind, summary.size, max(r.bits for r in rows),
                          [r.hex for r in rows], [r.value for r in rows])
-    first, second, _ = pairs_within(hashes, summary.max_distance)
+    if pair_search is None:
+        first, second, _ = pairs_within(hashes, summary.max_distance)
+    else:
+        first, second, _ = pair_search(np.array([r.id for r in rows], dtype=np.int64), hashes, summary.max_distance)
     if summary.per_label:
         same = _same_label(rows, first, second)
         first, second = first[same], second[same]

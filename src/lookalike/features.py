@@ -72,11 +72,8 @@ def featurize_images(db: Database, *, backbone: str = DEFAULT_BACKBONE, device: 
     with recorded_run(db, "featurize", {"backbone": backbone, "device": device, "batch_size": batch_size}) as counts:
         model_id = feature_model_id(db, model)
         with db.engine.connect() as conn:
-            done = sa.select(embeddings.c.image_id).where(embeddings.c.model_id == model_id)
-            todo = conn.execute(sa.select(images.c.id, images.c.sha256)
-                                .where(images.c.status == "ok", images.c.id.not_in(done))
-                                .order_by(images.c.id)).all()
-            summary.already = conn.execute(sa.select(sa.func.count()).select_from(done.subquery())).scalar()
+            todo = conn.execute(unembedded(model_id)).all()
+            summary.already = embedded_count(conn, model_id)
         sources = ((image_id, db.store.path(sha)) for image_id, sha in todo)
         started = time.monotonic()
         pending: list[dict] = []
@@ -88,11 +85,11 @@ def featurize_images(db: Database, *, backbone: str = DEFAULT_BACKBONE, device: 
                     continue
                 pending.append({"image_id": image_id, "model_id": model_id, "vector": vector_bytes(vector)})
                 if len(pending) >= batch_size and time.monotonic() - last_commit > COMMIT_SECONDS:
-                    summary.embedded += _write(db, pending)
+                    summary.embedded += write_embeddings(db, pending)
                     pending, last_commit = [], time.monotonic()
-            summary.embedded += _write(db, pending)
+            summary.embedded += write_embeddings(db, pending)
         except KeyboardInterrupt:
-            summary.embedded += _write(db, pending)
+            summary.embedded += write_embeddings(db, pending)
             summary.interrupted = True
         if not summary.interrupted:   # new images join the fitted spaces, with the stored parameters
             from .spaces import project_fitted
@@ -103,7 +100,22 @@ def featurize_images(db: Database, *, backbone: str = DEFAULT_BACKBONE, device: 
     return summary
 
 
-def _write(db: Database, rows: list[dict]) -> int:
+def unembedded(model_id: int) -> sa.Select:
+    """(id, sha256) of the ok images with no embedding for the model yet, by id: the step's and the Spark job's work."""
+    done = sa.select(embeddings.c.image_id).where(embeddings.c.model_id == model_id)
+    return (sa.select(images.c.id, images.c.sha256).where(images.c.status == "ok", images.c.id.not_in(done))
+            .order_by(images.c.id))
+
+
+def embedded_count(conn, model_id: int) -> int:
+    return conn.execute(sa.select(sa.func.count()).select_from(embeddings)
+                        .where(embeddings.c.model_id == model_id)).scalar()
+
+
+def write_embeddings(db: Database, rows: list[dict]) -> int:
+    """One transaction of ``embeddings`` rows (the step's and the Spark job's, :mod:`lookalike.spark.featurize`);
+    a row already stored is kept (ON CONFLICT DO NOTHING), so a batch written twice is stored once. Triggers
+    log the new rows for the vector index."""
     if rows:
         with db.begin() as conn:
             conn.execute(db.insert_ignore(embeddings), rows)

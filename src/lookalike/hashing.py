@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable
 
 import sqlalchemy as sa
@@ -24,7 +25,8 @@ from .phash import (DRAFT_HASHER_VERSION, DRAFT_SIZE, HASHER_VERSION, KINDS, che
                     is_low_detail)
 
 # KINDS: the choices of the step's hash-kind parameters; the hasher versions: what rows record.
-__all__ = ["KINDS", "HASHER_VERSION", "DRAFT_HASHER_VERSION", "HashSummary", "hash_images"]
+__all__ = ["KINDS", "HASHER_VERSION", "DRAFT_HASHER_VERSION", "HashSummary", "hash_images", "hash_one", "hash_records",
+           "unhashed", "write_hashes"]
 
 COMMIT_EVERY = 200   # images per transaction: an interrupted run keeps what it finished
 
@@ -48,14 +50,39 @@ class HashSummary:
         return out
 
 
-def _hash_one(path, dhash_sizes, imagehash_sizes, draft):
-    if not path.exists():   # one reason for all such images, not one per path
+def hash_one(source, dhash_sizes, imagehash_sizes, draft):
+    """(hashes, low-detail flag, None) for the image at path ``source`` (or its bytes), or (None, None, reason):
+    the step's and the Spark job's per-image work (:mod:`lookalike.spark.hash`)."""
+    if isinstance(source, Path) and not source.exists():   # one reason for all such images, not one per path
         return None, None, "missing from the image store"
     try:
-        img = open_image(path, draft=draft)
+        img = open_image(source, draft=draft)
     except ImageError as exc:
         return None, None, str(exc)
     return compute_hashes(img, dhash_sizes=dhash_sizes, imagehash_sizes=imagehash_sizes), is_low_detail(img), None
+
+
+def unhashed() -> sa.Select:
+    """(id, sha256) of the ok images not hashed yet, by id: the step's and the Spark job's work."""
+    return (sa.select(images.c.id, images.c.sha256)
+            .where(images.c.status == "ok", images.c.id.not_in(sa.select(hashed_images.c.image_id)))
+            .order_by(images.c.id))
+
+
+def hash_records(image_id, hashes, hasher) -> list[dict]:
+    """The ``image_hashes`` rows of one image's hashes."""
+    return [dict(image_id=image_id, kind=h.kind, size=h.size, hex=h.hex, value=h.to_signed64(), bits=h.bits,
+                 hasher=hasher) for h in hashes]
+
+
+def write_hashes(db: Database, hash_rows: list[dict], done_rows: list[dict]) -> None:
+    """One transaction of ``image_hashes`` and ``hashed_images`` rows; rows already stored are kept as they
+    are (ON CONFLICT DO NOTHING), so a batch written twice, or by two runs, is stored once."""
+    if done_rows:
+        with db.begin() as conn:
+            if hash_rows:
+                conn.execute(db.insert_ignore(image_hashes), hash_rows)
+            conn.execute(db.insert_ignore(hashed_images), done_rows)
 
 
 def hash_images(db: Database, *, imagehash_sizes: Iterable[int] = (8,), draft: bool = False, workers: int = 2,
@@ -75,10 +102,7 @@ def hash_images(db: Database, *, imagehash_sizes: Iterable[int] = (8,), draft: b
     params = {"imagehash_sizes": isizes, "draft": draft, "hasher": hasher}
     with recorded_run(db, "hash", params) as counts:
         with db.engine.connect() as conn:
-            done = sa.select(hashed_images.c.image_id)
-            todo = conn.execute(sa.select(images.c.id, images.c.sha256)
-                                .where(images.c.status == "ok", images.c.id.not_in(done))
-                                .order_by(images.c.id)).all()
+            todo = conn.execute(unhashed()).all()
             summary.already = conn.execute(sa.select(sa.func.count()).select_from(hashed_images)).scalar()
         started = time.monotonic()
         hash_rows: list[dict] = []
@@ -86,15 +110,13 @@ def hash_images(db: Database, *, imagehash_sizes: Iterable[int] = (8,), draft: b
 
         def flush():
             if done_rows:
-                with db.begin() as conn:
-                    conn.execute(db.insert_ignore(image_hashes), hash_rows)
-                    conn.execute(db.insert_ignore(hashed_images), done_rows)
+                write_hashes(db, hash_rows, done_rows)
                 summary.hashed += len(done_rows)
                 hash_rows.clear()
                 done_rows.clear()
 
         def work(row):
-            return row[0], _hash_one(db.store.path(row[1]), dsizes, isizes, DRAFT_SIZE if draft else None)
+            return row[0], hash_one(db.store.path(row[1]), dsizes, isizes, DRAFT_SIZE if draft else None)
 
         # Decoding and resizing release the GIL: two threads keep two cores busy.
         pool = ThreadPoolExecutor(max(1, workers))
@@ -105,8 +127,7 @@ def hash_images(db: Database, *, imagehash_sizes: Iterable[int] = (8,), draft: b
                     if hashes is None:
                         summary.failed[reason] += 1
                         continue
-                    hash_rows.extend(dict(image_id=image_id, kind=h.kind, size=h.size, hex=h.hex,
-                                          value=h.to_signed64(), bits=h.bits, hasher=hasher) for h in hashes)
+                    hash_rows.extend(hash_records(image_id, hashes, hasher))
                     done_rows.append(dict(image_id=image_id, low_detail=low, hasher=hasher, hashed_at=now()))
                     summary.low_detail += bool(low)
                     if len(done_rows) >= COMMIT_EVERY:

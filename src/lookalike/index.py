@@ -438,8 +438,10 @@ def _wanted_ivf(index: MappedIndex, kind: str) -> bool:
     return kind == "ivf" and index.header.live >= 1000 or kind == "auto" and index.header.live >= IVF_THRESHOLD
 
 
-def update(db: Database, model_id: int, folder: Path, kind: str = "auto", *, rebuild: bool = False) -> MappedIndex:
-    """Bring the files in ``folder`` up to the database (the caller holds the lock): catch up, or build."""
+def update(db: Database, model_id: int, folder: Path, kind: str = "auto", *, rebuild: bool = False,
+           add=None) -> MappedIndex:
+    """Bring the files in ``folder`` up to the database (the caller holds the lock): catch up, or build.
+    ``add``: how rows go into the IVF structure (see :func:`_fold_ivf`)."""
     weights, dim = _model(db, model_id)
     database = _database_id(db)
     opened = None if rebuild else _open_files(folder)
@@ -454,7 +456,7 @@ def update(db: Database, model_id: int, folder: Path, kind: str = "auto", *, reb
         opened = _catch_up(db, opened, current)
     if opened.ivf is None and _wanted_ivf(opened, kind) or opened.ivf is not None and \
             opened.header.rows - opened.header.ivf_rows > TAIL_ROWS:
-        opened = _commit(folder, opened.header, opened.row_ids, new_ivf=_fold_ivf(opened))
+        opened = _commit(folder, opened.header, opened.row_ids, new_ivf=_fold_ivf(opened, add))
     _prune(db, model_id, opened.header.generation, pruned)
     return opened
 
@@ -683,8 +685,11 @@ def _compact(folder: Path, h: Header, row_ids: np.ndarray, with_ivf: bool) -> Ma
     return compacted
 
 
-def _fold_ivf(index: MappedIndex):
-    """The IVF structure over every row: trained anew on a sample when there is none, else extended with the tail."""
+def _fold_ivf(index: MappedIndex, add=None):
+    """The IVF structure over every row: trained anew on a sample when there is none, else extended with the tail.
+
+    ``add(ivf, path, header, start)`` adds the matrix rows from ``start`` on (default :func:`_add_rows`; the
+    Spark job adds them on its executors)."""
     h = index.header
     if index.ivf is None:
         nlist = default_nlist(h.rows)
@@ -694,13 +699,17 @@ def _fold_ivf(index: MappedIndex):
     else:
         ivf = faiss.read_index(str(index.folder / f"ivf.{h.ivf_epoch}.faiss"))   # a copy that can change
         start, nprobe = h.ivf_rows, h.nprobe
-    path = index.folder / f"vectors.{h.epoch}.f32"
-    for lo, block in _blocks(path, h, start):
-        ivf.add_with_ids(block, np.arange(lo, lo + len(block), dtype=np.int64))
+    (add or _add_rows)(ivf, index.folder / f"vectors.{h.epoch}.f32", h, start)
     dead = np.flatnonzero(index.row_ids < 0)
     if len(dead):
         ivf.remove_ids(faiss.IDSelectorBatch(dead))
     return ivf, h.rows, nprobe
+
+
+def _add_rows(ivf, path: Path, h: Header, start: int) -> None:
+    """Rows ``start``.. of the matrix into ``ivf``, under their row numbers."""
+    for lo, block in _blocks(path, h, start):
+        ivf.add_with_ids(block, np.arange(lo, lo + len(block), dtype=np.int64))
 
 
 def _blocks(path: Path, h: Header, start: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -808,10 +817,12 @@ def refresh_index(db: Database, *, backbone: str = DEFAULT_BACKBONE, index: str 
                        opened.generation, opened.generation, None)
 
 
-def rebuild_index(db: Database, *, backbone: str = DEFAULT_BACKBONE, index: str = INDEX_KIND.default) -> IndexStatus:
-    """Rebuild the index of ``backbone``'s latest model from the database; its status after."""
+def rebuild_index(db: Database, *, backbone: str = DEFAULT_BACKBONE, index: str = INDEX_KIND.default,
+                  add=None) -> IndexStatus:
+    """Rebuild the index of ``backbone``'s latest model from the database; its status after.
+    ``add``: how rows go into the IVF structure (``lookalike spark index`` adds them on Spark)."""
     model_id = _latest_model(db, backbone)
     folder = index_dir(db) / f"model-{model_id}"
     with _locked(folder):
-        update(db, model_id, folder, index, rebuild=True)
+        update(db, model_id, folder, index, rebuild=True, add=add)
     return index_status(db, backbone=backbone)

@@ -27,7 +27,7 @@ from math import comb
 import numpy as np
 
 from .errors import BadInput
-from .hamming import hamming_rows, popcount_rows
+from .hamming import hamming_rows
 
 _BLOCK = 1 << 20          # candidate pairs handled at once: bounds memory on adversarial input
 _MAX_TABLE_BITS = 22      # widest chunk that gets a dense lookup table (2**22 entries)
@@ -96,10 +96,6 @@ def _expand(sources: np.ndarray, starts: np.ndarray, counts: np.ndarray):
     ``counts`` are all >= 1. Blocks hold about _BLOCK pairs, so even n**2 pairs
     (all hashes equal) never materialise at once.
     """
-    single = counts == 1  # the common case: one partner
-    if single.any():
-        yield sources[single], starts[single]
-    sources, starts, counts = sources[~single], starts[~single], counts[~single]
     if counts.size == 0:
         return
     ends = np.cumsum(counts)
@@ -108,8 +104,10 @@ def _expand(sources: np.ndarray, starts: np.ndarray, counts: np.ndarray):
         if lo == hi:
             continue
         c = counts[lo:hi]
-        first = np.repeat(np.cumsum(c) - c, c)
-        yield np.repeat(sources[lo:hi], c), np.repeat(starts[lo:hi], c) + np.arange(first.size) - first
+        # Partner t of the block is starts[k] + (t - where source k's partners begin): two repeats, one add.
+        partners = np.repeat(starts[lo:hi] - (np.cumsum(c) - c), c)
+        partners += np.arange(partners.size)
+        yield np.repeat(sources[lo:hi], c), partners
 
 
 class _Chunk:
@@ -132,24 +130,24 @@ class _Chunk:
             np.cumsum(np.bincount(keys, minlength=1 << width), out=offsets[1:])
             self.offsets = offsets
 
-    def equal_keys(self):
-        """Yield (p, q) for equal keys: each position with the later positions of its run."""
+    def equal_keys(self, lo: int, hi: int):
+        """Yield (p, q) for equal keys: each position in [lo, hi) with the later positions of its run."""
         keys = self.sorted_keys
         run_start = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
         run_end = np.r_[run_start[1:], keys.size]
-        position = np.arange(keys.size)
-        later = np.repeat(run_end, run_end - run_start) - position - 1
+        position = np.arange(lo, hi)
+        later = np.repeat(run_end, run_end - run_start)[lo:hi] - position - 1
         has_later = later > 0
         yield from _expand(position[has_later], position[has_later] + 1, later[has_later])
 
-    def flipped_keys(self, top: int):
-        """Yield (p, q) for keys differing by a mask whose highest set bit is ``top``.
+    def flipped_keys(self, top: int, lo: int, hi: int):
+        """Yield (p, q), p in [lo, hi), for keys differing by a mask whose highest set bit is ``top``.
 
         Only positions with bit ``top`` clear look up their partners, so each
         pair comes once; going through them in key order keeps the table
         lookups nearly sequential.
         """
-        sources = np.flatnonzero(((self.sorted_keys >> top) & 1) == 0)
+        sources = lo + np.flatnonzero(((self.sorted_keys[lo:hi] >> top) & 1) == 0)
         source_keys = self.sorted_keys[sources]
         starts_of, ends_of = self.offsets[:-1], self.offsets[1:]
         for flips in range(self.radius):
@@ -180,11 +178,14 @@ def _checked(chunk: _Chunk, radius: int, earlier: list, candidates) -> tuple[np.
     found = []
     for p, q in candidates():
         xor = chunk.sorted_words[p] ^ chunk.sorted_words[q]
-        dist = popcount_rows(xor)
-        keep = dist <= radius
+        bits = np.bitwise_count(xor)
+        dist = bits[:, 0] if bits.shape[1] == 1 else bits.sum(axis=1, dtype=np.int16)
+        near = np.flatnonzero(dist <= radius)   # few of the candidates: the rest is checked on these only
+        close, first = xor[near], np.ones(near.size, dtype=bool)
         for word, shift, width, chunk_radius in earlier:  # a pair belongs to the first chunk that finds it
-            keep &= _chunk_distance(xor, word, shift, width) > chunk_radius
-        found.append(_keyed(chunk.order[p[keep]], chunk.order[q[keep]], dist[keep], len(chunk.order)))
+            first &= _chunk_distance(close, word, shift, width) > chunk_radius
+        near = near[first]
+        found.append(_keyed(chunk.order[p[near]], chunk.order[q[near]], dist[near], len(chunk.order)))
     return _concat(found)
 
 
@@ -199,6 +200,75 @@ def _concat(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.
     return np.concatenate([key for key, _ in parts]), np.concatenate([dist for _, dist in parts])
 
 
+class Search:
+    """One all-pairs search, cut into independent tasks.
+
+    A task is a small ``(chunk, source, lo, hi)`` tuple: chunk ``c`` of the
+    plan with its equal keys (source -1) or its keys flipped at highest bit
+    ``source``, for the rows at positions ``lo`` to ``hi`` in its key order;
+    or (chunk -1) the brute force of rows ``lo`` to ``hi``.
+    Any process holding the same hashes runs any task (:meth:`run`); the
+    tasks' results together, in any order, are the pairs (:meth:`pairs`).
+    :func:`pairs_within` runs them on threads, the Spark job
+    (:mod:`lookalike.spark.neardup`) on executors.
+    """
+
+    def __init__(self, hashes: np.ndarray, max_distance: int):
+        if max_distance < 0:
+            raise BadInput("max_distance must be >= 0")
+        self.words, self.radius = _as_words(hashes), max_distance
+        n, nwords = self.words.shape
+        self.plan = _plan(n, nwords, max_distance) if n > 1 else None
+        self._rows = max(1, _BLOCK // max(n, 1))   # brute-force rows per task
+        self._chunks: dict[int, _Chunk] = {}
+
+    def tasks(self, parts: int = 1) -> list[tuple[int, int, int, int]]:
+        """Every task of this search, once; each chunk's cut into ``parts`` row ranges (for many workers)."""
+        n = self.words.shape[0]
+        if n <= 1:
+            return []
+        if self.plan is None:
+            return [(-1, -1, lo, min(n, lo + self._rows)) for lo in range(0, n, self._rows)]
+        cuts = sorted({n * k // parts for k in range(parts + 1)})
+        return [(index, source, lo, hi) for index, (_, _, width, radius) in enumerate(self.plan)
+                for source in range(-1, width if radius else 0) for lo, hi in zip(cuts, cuts[1:])]
+
+    def cost(self, task: tuple[int, int, int, int]) -> float:
+        """Rough work of a task: rows looked up, each with the rows its bucket holds (to balance tasks)."""
+        n = self.words.shape[0]
+        index, source, lo, hi = task
+        if index < 0:
+            return float((hi - lo) * n)
+        per_bucket = n / 2.0 ** self.plan[index][2]
+        if source < 0:
+            return (hi - lo) * (1 + per_bucket / 2)
+        return (hi - lo) / 2 * (1 + per_bucket) * sum(comb(source, flips) for flips in range(self.plan[index][3]))
+
+    def chunk(self, index: int) -> _Chunk:
+        """Chunk ``index`` of the plan, built on first use and kept."""
+        if index not in self._chunks:
+            self._chunks[index] = _Chunk(self.words, *self.plan[index])
+        return self._chunks[index]
+
+    def run(self, task: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """The pairs one task finds, keyed (see :meth:`pairs`)."""
+        index, source, lo, hi = task
+        if index < 0:
+            return _brute_force(self.words, self.radius, lo, hi)
+        chunk = self.chunk(index)
+        candidates = partial(chunk.equal_keys, lo, hi) if source < 0 else partial(chunk.flipped_keys, source, lo, hi)
+        return _checked(chunk, self.radius, self.plan[:index], candidates)
+
+    def pairs(self, found: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(i, j, distance)`` sorted by (i, j) from all tasks' results."""
+        n = max(self.words.shape[0], 1)
+        keys, dist = _concat(found)
+        order = np.argsort(keys)
+        keys = keys[order]
+        i = keys // n
+        return i, keys - i * n, dist[order]
+
+
 def pairs_within(hashes: np.ndarray, max_distance: int, *,
                  workers: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every pair of hashes at Hamming distance <= ``max_distance``, exactly.
@@ -208,28 +278,9 @@ def pairs_within(hashes: np.ndarray, max_distance: int, *,
     int64 row indices with i < j and int16 distances, sorted by (i, j).
     ``workers`` threads share the work (default: one per CPU, at most 8).
     """
-    if max_distance < 0:
-        raise BadInput("max_distance must be >= 0")
-    words = _as_words(hashes)
-    n, nwords = words.shape
-    plan = _plan(n, nwords, max_distance) if n > 1 else None
+    search = Search(hashes, max_distance)
     workers = workers or min(os.cpu_count() or 1, 8)
     with ThreadPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
         run = pool.map if pool else map  # NumPy releases the GIL, so threads share the cores
-        if n <= 1:
-            tasks = []
-        elif plan is None:
-            rows = max(1, _BLOCK // n)
-            tasks = [partial(_brute_force, words, max_distance, lo, min(n, lo + rows))
-                     for lo in range(0, n, rows)]
-        else:
-            tasks = []
-            for index, chunk in enumerate(run(lambda spec: _Chunk(words, *spec), plan)):
-                sources = [chunk.equal_keys] + [partial(chunk.flipped_keys, top)
-                                                for top in range(chunk.width if chunk.radius else 0)]
-                tasks += [partial(_checked, chunk, max_distance, plan[:index], source) for source in sources]
-        keys, dist = _concat(list(run(lambda task: task(), tasks)))
-    order = np.argsort(keys)
-    keys = keys[order]
-    i = keys // max(n, 1)
-    return i, keys - i * n, dist[order]
+        list(run(search.chunk, range(len(search.plan or ()))))   # built side by side, before the tasks
+        return search.pairs(list(run(search.run, search.tasks())))

@@ -90,7 +90,8 @@ def _plain(number: float) -> str:
 
 SEED = Param("seed", int, 0, "random seed")
 BACKBONE = Param("backbone", str, DEFAULT_BACKBONE,
-                 "efficientnet-lite0 (whole image) or efficientnet-lite0-texture (centre, no colour)")
+                 "efficientnet-lite0 (whole image), efficientnet-lite0-texture (centre, no colour) or "
+                 "efficientnet-lite0-dual (both, joined; featurize takes twice as long)")
 FEATURE_MODEL = replace(BACKBONE, name="feature_model", flag="--backbone", run="backbone")
 SPACE = Param("space", str, "auto", "auto: the space evaluate measured best (else pca where fitted, else "
               "embeddings); embeddings: the CNN vectors; pca: fitted on the collection, label-free; learned: "
@@ -221,8 +222,32 @@ INDEX_ACTIONS: dict[str, Step] = {step.name: step for step in [
 
 # `lookalike spark JOB`: the steps on Apache Spark (lookalike.spark). Each job takes --master.
 SPARK_MASTER = Param("master", str, "local[*]", "Spark master: local[*], spark://host:7077, yarn, k8s://…")
+SPARK_OUT = Param("out", Path, None, "folder for the Parquet output, replaced each run (default: <store>.spark/JOB "
+                  "beside the image store); on a cluster, one the driver and every executor see")
+SPARK_SOURCE = Param("source", str, None, "read the image files from here instead of the image store: a folder or "
+                     "any path Spark reads (hdfs://, s3a://); matched to loaded images by SHA-256")
 SPARK_JOBS: dict[str, Step] = {step.name: step for step in [
+    Step("hash", "spark.hash.spark_hash", "the hash step on Spark: Parquet, then into the database", (
+        SPARK_MASTER, SPARK_OUT, SPARK_SOURCE, *STEPS["hash"].params)),
+    Step("featurize", "spark.featurize.spark_featurize", "the featurize step on Spark (one model per executor "
+         "process): Parquet, then into the database, then the vector index catches up", (
+        SPARK_MASTER, SPARK_OUT, SPARK_SOURCE, *STEPS["featurize"].params)),
+    Step("neardup", "spark.neardup.neardup_job", "the near rule's all-pairs Hamming search on Spark: pairs as "
+         "Parquet, then a dedupe run on them (from the database)", (
+        SPARK_MASTER, SPARK_OUT,
+        Param("hashes", str, None, "Parquet of image_id and value (or hex) to search instead of the database; "
+              "writes the pairs only"),
+        HASH_KIND, HASH_SIZE, replace(MAX_DISTANCE, help="radius in bits (default: 10 of 128, as dedupe's near rule)"),
+        STEPS["dedupe"].param("per_label"), LOW_DETAIL)),
+    Step("index", "spark.index_build.index_job", "rebuild the vector index, its IVF rows added on Spark's "
+         "executors and merged (the index folder must be at the same path on every node)", (
+        SPARK_MASTER, BACKBONE, INDEX_KIND)),
 ]}
+
+# `lookalike import FOLDER`: a Spark job's Parquet merged into the database (on SQLite the jobs do it themselves).
+IMPORT = Step("import", "importing.import_output", "merge a `lookalike spark hash` or `spark featurize` Parquet "
+              "output into the database (idempotent: rows already there are kept)", (
+    Param("folder", Path, help="the job's output folder (it holds _lookalike.json)", metavar="FOLDER"),))
 
 # `lookalike run`: these steps in this order (featurize before dedupe: the verified rule compares
 # embeddings). Its options are theirs, by run name; one option may feed several steps (seed, backbone).

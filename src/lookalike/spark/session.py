@@ -7,7 +7,8 @@ import re
 import sys
 from pathlib import Path
 
-from ..errors import BadInput
+from ..config import mask_secrets
+from ..errors import BadInput, LookalikeError
 from ..steps import SPARK_MASTER
 
 DEFAULT_MASTER = SPARK_MASTER.default
@@ -34,9 +35,30 @@ def spark_session(master: str = DEFAULT_MASTER, app: str = "lookalike"):
     builder = (SparkSession.builder.master(with_retries(master)).appName(app)
                .config("spark.ui.enabled", "false")
                .config("spark.task.maxFailures", str(TASK_ATTEMPTS))
+               .config("spark.ui.showConsoleProgress", str(sys.stderr.isatty()).lower())   # no bars in logs
                .config("spark.sql.execution.arrow.pyspark.enabled", "true"))
     if POSTGRESQL_JAR.exists():
         builder = builder.config("spark.jars", str(POSTGRESQL_JAR))
     session = builder.getOrCreate()
     session.sparkContext.setLogLevel("WARN")
     return session
+
+
+class JobFailed(LookalikeError):
+    """A Spark job that failed after its task retries; the message is the executors' own error."""
+
+    exit_code = 1
+
+
+# The last "SomeError: message" line of a task's Python traceback, or of the JVM's report.
+_ERROR_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w+(?:Error|Exception|Interrupt)): (.+)$")
+
+
+def job_failed(exc: BaseException) -> JobFailed | None:
+    """``exc`` as one line when PySpark or Py4J raised it (a failed job), else None."""
+    if not type(exc).__module__.startswith(("pyspark", "py4j")):
+        return None
+    found = [m for m in map(_ERROR_LINE.match, str(exc).splitlines()) if m and m.group(1) != "PythonException"]
+    reason = (f"{found[-1].group(1)}: {found[-1].group(2)}" if found
+              else next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__))
+    return JobFailed(f"the Spark job failed: {mask_secrets(reason)[:500]}")
