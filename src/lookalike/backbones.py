@@ -214,7 +214,7 @@ class EfficientNetLite0Dual(EfficientNetLite0):
     """Both views in one embedding: the whole frame (colour, silhouette) beside its centre in grey (pattern).
 
     For collections told apart by material or pattern. With the dual view the learned space measured top-1
-    0.51 against 0.37 on real texture photographs, and the raw embeddings 0.45 against 0.07 on the sample
+    0.36 against 0.30 on real texture photographs, and the raw embeddings 0.45 against 0.07 on the sample
     garments (bench/bench_spaces.py --backbone). The network runs twice per image, so featurize takes about
     twice as long; the verified dedupe's thresholds were calibrated on the whole-frame embeddings.
     """
