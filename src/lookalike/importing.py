@@ -190,14 +190,15 @@ def import_parts(db: Database, summary: ImportSummary, model: tuple[int, int] | 
 
 
 def after_embeddings(db: Database, model_id: int | None) -> int:
-    """What the featurize step does after its writes: new vectors into the fitted spaces (how many it
-    projected), then the persistent index, where one exists, caught up with the changes the triggers logged."""
+    """What follows new embeddings: the vectors into the fitted spaces, as featurize does (how many were
+    projected), then the persistent index, where one exists, caught up with the changes the triggers logged,
+    as `lookalike run` does after featurize."""
     if model_id is None:
         return 0
-    from .index import index_dir, refresh_index
+    from .index import model_dir, refresh_index
     from .spaces import project_fitted
     projected = project_fitted(db, model_id)
-    if (index_dir(db) / f"model-{model_id}").exists():
+    if model_dir(db, model_id).exists():
         with db.engine.connect() as conn:
             name = conn.execute(sa.select(feature_models.c.name).where(feature_models.c.id == model_id)).scalar_one()
         refresh_index(db, backbone=name)

@@ -97,6 +97,11 @@ def index_dir(db: Database) -> Path:
     return root.with_name(root.name + ".index")
 
 
+def model_dir(db: Database, model_id: int, root: Path | None = None) -> Path:
+    """The index folder of feature model ``model_id``, in ``root`` (default :func:`index_dir`)."""
+    return (index_dir(db) if root is None else root) / f"model-{int(model_id)}"
+
+
 def generation(conn, model_id: int) -> tuple[int, int]:
     """(generation, pruned) of a feature model's embeddings: one indexed row read."""
     row = conn.execute(sa.select(embedding_generations.c.generation, embedding_generations.c.pruned)
@@ -402,8 +407,7 @@ def open_index(db: Database, model_id: int, kind: str = "auto", *, private: bool
     """
     if kind not in KINDS:
         raise BadInput(f"index must be one of {', '.join(KINDS)}, not {kind!r}")
-    root = _private_root() / _database_id(db) if private else index_dir(db)
-    folder = root / f"model-{int(model_id)}"
+    folder = model_dir(db, model_id, _private_root() / _database_id(db) if private else None)
     with db.engine.connect() as conn:
         current, _pruned = generation(conn, model_id)
     opened = _open_files(folder)
@@ -788,7 +792,7 @@ def _latest_model(db: Database, backbone: str) -> int:
 def index_status(db: Database, *, backbone: str = DEFAULT_BACKBONE) -> IndexStatus:
     """Size, generation and freshness of the index of ``backbone``'s latest model (read-only), IVF recall@10."""
     model_id = _latest_model(db, backbone)
-    folder = index_dir(db) / f"model-{model_id}"
+    folder = model_dir(db, model_id)
     with db.engine.connect() as conn:
         current, _pruned = generation(conn, model_id)
     opened = _open_files(folder)
@@ -803,7 +807,7 @@ def refresh_index(db: Database, *, backbone: str = DEFAULT_BACKBONE, index: str 
     """Build the index of ``backbone``'s latest model, or catch it up, so the next search opens it ready
     (`lookalike run` does this after featurize); its status without the recall sample."""
     model_id = _latest_model(db, backbone)
-    folder = index_dir(db) / f"model-{model_id}"
+    folder = model_dir(db, model_id)
     try:
         opened = open_index(db, model_id, index)
     except IndexUnavailable as exc:   # not worth failing a run for: each search indexes in memory instead
@@ -822,7 +826,7 @@ def rebuild_index(db: Database, *, backbone: str = DEFAULT_BACKBONE, index: str 
     """Rebuild the index of ``backbone``'s latest model from the database; its status after.
     ``add``: how rows go into the IVF structure (``lookalike spark index`` adds them on Spark)."""
     model_id = _latest_model(db, backbone)
-    folder = index_dir(db) / f"model-{model_id}"
+    folder = model_dir(db, model_id)
     with _locked(folder):
         update(db, model_id, folder, index, rebuild=True, add=add)
     return index_status(db, backbone=backbone)
