@@ -14,6 +14,10 @@ process's peak RSS, from wait4):
 - 1,000 embeddings added by another writer, then a cold `similar` again (catch-up, no rebuild);
 - recall@10 of the IVF search on a sample (`lookalike index status`) and its p50 latency in-process.
 
+``--space``: the same in the ``pca`` similarity space (`lookalike fit` after the write, which builds
+the space's own index folder; `similar` then answers in it by default), against the old path of a
+space search: every stored space vector loaded into memory in each process.
+
 Goals (issue 11), at 1M: cold by-id <= 1.5 s and <= 1.5 GB; add 1,000 + search <= 2 s without a
 rebuild; IVF build <= 3 GiB and <= 5 min; recall@10 >= 0.95 at p50 <= 5 ms.
 """
@@ -71,12 +75,35 @@ found, _ = index.search(matrix[np.flatnonzero(ids == query)[0]][None, :], 10, ex
 print(found[0].tolist())
 """
 
+_OLD_SPACE_PATH = """
+import sys, numpy as np, sqlalchemy as sa
+from lookalike.db import Database, latest_feature_model, space_vectors, embeddings, vector_from_bytes
+from lookalike.spaces import load_space
+from lookalike.vectors import build_index
+db = Database({url!r})
+with db.engine.connect() as conn:
+    space = load_space(conn, "pca", latest_feature_model(conn))
+    rows = conn.execute(sa.select(space_vectors.c.image_id, space_vectors.c.vector)
+                        .join(embeddings, sa.and_(embeddings.c.image_id == space_vectors.c.image_id,
+                                                  embeddings.c.model_id == space.feature_model_id))
+                        .where(space_vectors.c.space_id == space.id).order_by(space_vectors.c.image_id)).all()
+ids = np.array([r.image_id for r in rows], dtype=np.int64)
+matrix = np.stack([vector_from_bytes(r.vector) for r in rows])
+index = build_index(ids, matrix)
+query = int({query})
+found, _ = index.search(matrix[np.flatnonzero(ids == query)[0]][None, :], 10, exclude=[[query]])
+print(found[0].tolist())
+"""
+
 _LATENCY = """
 import json, time, numpy as np
 from lookalike.db import Database
 from lookalike.index import open_index
+from lookalike.spaces import load_space
 db = Database({url!r})
-index = open_index(db, 1)
+with db.engine.connect() as conn:
+    space = load_space(conn, "pca", 1) if {space} else None
+index = open_index(db, 1, space=space)
 rows = np.random.default_rng(1).choice(index.ids, 200, replace=False)
 p50 = []
 for _pass in ("cold", "warm"):   # cold: the mapped IVF codes are first touched by these queries
@@ -115,6 +142,8 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, help="work folder (default: a temporary one, removed after)")
     parser.add_argument("--skip-old", action="store_true", help="do not measure the old load-everything path")
     parser.add_argument("--keep", action="store_true", help="keep the database and index (in --dir) afterwards")
+    parser.add_argument("--space", action="store_true", help="search in a fitted pca space instead of the "
+                        "embeddings")
     args = parser.parse_args()
     n = args.n or (100_000 if args.quick else 1_000_000)
     with contextlib.nullcontext(tempfile.mkdtemp(prefix="bench-index-", dir=args.dir)) if args.keep else \
@@ -128,24 +157,28 @@ def main() -> int:
               f"({os.path.getsize(f'{work}/bench.db') / 2**30:.2f} GiB)", flush=True)
         query = str(n // 2)
         results = {}
-        results["build"] = measured(lookalike("index", "rebuild", "--db", url))
+        results["build"] = measured(lookalike("fit", "--db", url) if args.space else
+                                    lookalike("index", "rebuild", "--db", url))
         print(f"  {results['build'][2].strip()}", flush=True)
+        folder = next(Path(work, "bench.store.index").glob("model-1-space-*")) if args.space else \
+            Path(work, "bench.store.index", "model-1")
         colds = [measured(lookalike("similar", query, "--json", "--db", url)) for _ in range(3)]
         results["cold"] = sorted(colds)[1]
         new_ids = json.loads(results["cold"][2])
         if not args.skip_old:
-            results["old"] = measured([sys.executable, "-c", _OLD_PATH.format(url=url, query=query)])
+            results["old"] = measured([sys.executable, "-c", (_OLD_SPACE_PATH if args.space else _OLD_PATH)
+                                       .format(url=url, query=query)])
             old_ids = json.loads(results["old"][2])
-        epoch = json.loads(Path(work, "bench.store.index", "model-1", "header.json").read_text())["header"]["epoch"]
+        epoch = json.loads((folder / "header.json").read_text())["header"]["epoch"]
         subprocess.run([sys.executable, "-c", _WRITE.format(here=str(HERE), n=ADDED, start=n + 1, seed=1, url=url,
                                                              rows=WRITE_ROWS)], check=True)
         results["added"] = measured(lookalike("similar", query, "--json", "--db", url))
-        header = json.loads(Path(work, "bench.store.index", "model-1", "header.json").read_text())["header"]
+        header = json.loads((folder / "header.json").read_text())["header"]
         status = measured(lookalike("index", "status", "--db", url))[2]
-        latency = json.loads(measured([sys.executable, "-c", _LATENCY.format(url=url)])[2])
+        latency = json.loads(measured([sys.executable, "-c", _LATENCY.format(url=url, space=args.space)])[2])
 
     print(f"\n{'measure':<44} {'wall s':>8} {'peak GiB':>9}")
-    names = {"build": "index build (lookalike index rebuild)", "cold": "cold `similar ID` (index), median of 3",
+    names = {"build": "lookalike fit (pca, and its index)" if args.space else "index build (lookalike index rebuild)", "cold": "cold `similar ID` (index), median of 3",
              "old": "cold `similar ID` (old: load everything)", "added": f"+{ADDED} embeddings, cold `similar ID`"}
     for key, label in names.items():
         if key in results:

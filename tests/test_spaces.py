@@ -126,3 +126,65 @@ def test_embeddings_load_by_more_ids_than_one_statement_may_bind(sqlite_url, tmp
         with db.engine.connect() as conn:
             ids, matrix = load_embeddings(conn, model_id, np.arange(n, 0, -1))   # every id, in reverse
     assert ids.tolist() == list(range(1, n + 1)) and np.array_equal(matrix, vectors)
+
+
+def brute_force(db, space, query_id: int, k: int) -> list[int]:
+    """The k nearest images in ``space``, every embedding projected here (the old load-everything path)."""
+    with db.engine.connect() as conn:
+        ids, vectors = load_embeddings(conn, space.feature_model_id, None)
+    projected = space.project(vectors)
+    distance = 1.0 - projected @ projected[list(ids).index(query_id)]
+    order = [i for i in np.lexsort((ids, distance)) if ids[i] != query_id]
+    return ids[order[:k]].tolist()
+
+
+def test_a_space_is_searched_from_its_own_index_folder_that_follows_every_writer(db):
+    from lookalike.index import _caught_up_in_memory, _open_files, generation, index_dir, model_dir, open_index
+    from lookalike.spaces import load_space
+    labels, vectors = clusters(40, 2, 16, separation=1.0, seed=11)
+    add_collection(db, labels, vectors)
+    split_images(db)
+    fitted = fit_spaces(db)
+    with db.engine.connect() as conn:
+        model_id = conn.execute(sa.select(embeddings.c.model_id).limit(1)).scalar()
+        spaces = {name: load_space(conn, name, model_id) for name in ("pca", "learned")}
+    folders = {name: model_dir(db, model_id, space=space) for name, space in spaces.items()}
+    # fit built both folders, and says so
+    assert all(f"index {folder} (efficientnet-lite0, {name} space): exact, 80 vectors" in "\n".join(fitted.lines())
+               for name, folder in folders.items())
+    headers = {name: _open_files(folder).header for name, folder in folders.items()}
+    assert {name: (h.space_id, h.dim) for name, h in headers.items()} == {
+        name: (space.id, space.dim) for name, space in spaces.items()}
+    for name, space in spaces.items():
+        assert [m.image_id for m in similar_images(db, 5, k=10, space=name)] == brute_force(db, space, 5, 10)
+
+    # Rows written and removed by raw SQL are caught up in the folder (appended; no rebuild), on any search.
+    stale = open_index(db, model_id, space=spaces["pca"])
+    with db.begin() as conn:
+        new_id = conn.execute(sa.insert(images).values(
+            sha256=hashlib.sha256(b"twin").hexdigest(), label="label0", source="synthetic/twin", byte_size=100,
+            status="ok", loaded_at=now()).returning(images.c.id)).scalar_one()
+        conn.exec_driver_sql("DELETE FROM embeddings WHERE image_id = 7")
+    with db.begin() as conn:
+        conn.execute(sa.insert(embeddings).values(image_id=new_id, model_id=model_id,
+                                                  vector=vector_bytes(vectors[0] / np.linalg.norm(vectors[0]))))
+    for name, space in spaces.items():
+        assert similar_images(db, 1, k=1, space=name)[0].image_id == new_id
+        assert 7 not in {m.image_id for m in similar_images(db, 8, k=79, space=name)}
+        assert [m.image_id for m in similar_images(db, 5, k=10, space=name)] == brute_force(db, space, 5, 10)
+        caught_up = _open_files(folders[name]).header
+        assert (caught_up.epoch, caught_up.rows, caught_up.live) == (headers[name].epoch, 81, 80)
+    # A reader that may not write (a PL/Python backend) applies the same changes in its own memory.
+    with db.engine.connect() as conn:
+        current = generation(conn, model_id)[0]
+    in_memory = _caught_up_in_memory(db, stale, current, spaces["pca"])
+    on_disk = open_index(db, model_id, space=spaces["pca"])
+    query = on_disk.vector(new_id)
+    assert in_memory.search(query, 10)[0].tolist() == on_disk.search(query, 10)[0].tolist()
+
+    # A refit is a new space row: a new folder, the old one gone.
+    fit_spaces(db, seed=3)
+    with db.engine.connect() as conn:
+        refitted = {name: load_space(conn, name, model_id) for name in ("pca", "learned")}
+    assert sorted(p.name for p in index_dir(db).iterdir()) == sorted(
+        [f"model-{model_id}"] + [model_dir(db, model_id, space=space).name for space in refitted.values()])

@@ -1,7 +1,8 @@
-"""The persistent vector index: one folder per feature model beside the image store.
+"""The persistent vector index: one folder per feature model, and one per fitted space, beside the image store.
 
-The database stays the source of truth; this folder is a cache of its embeddings that
-every searcher (CLI, web app, PL/Python backend) opens instead of loading vectors:
+The database stays the source of truth; a folder is a cache of its embeddings (or of
+their projections into a fitted similarity space, :mod:`lookalike.spaces`) that every
+searcher (CLI, web app, PL/Python backend) opens instead of loading vectors:
 
 - ``vectors.<epoch>.f32`` — the unit vectors, float32 rows, memory-mapped read-only.
   Rows are only appended; a removed image's row is marked dead in the id map.
@@ -16,6 +17,9 @@ Freshness is one row read: the ``embedding_generations`` counter that triggers o
 ``embeddings`` bump in the writer's own transaction. Catching up reads the ids
 ``embedding_changes`` logged since the header's generation and applies the current
 state of each (dead row, appended row): O(changes). A model change is another folder.
+A space's vectors are a pure function of the embeddings and the space's stored
+parameters, so its folder follows the same counter and change log, projecting each
+changed embedding; a refit is a new space row, so another folder.
 
 Crash safety: new files are written under temporary names, fsynced and renamed; the
 header, replaced last, names the files it describes. On open the header checksum, the
@@ -37,7 +41,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +51,7 @@ from .config import DEFAULT_BACKBONE
 from .db import Database, embeddings, feature_models, settings
 from .db.schema import embedding_changes, embedding_generations
 from .errors import BadInput, LookalikeError, Precondition
+from .spaces import Space, fitted_spaces
 from .steps import INDEX_KIND
 from .vectors import (IVF_THRESHOLD, KINDS, _top_k, default_nlist, default_nprobe, faiss, ivf_sample,
                       recall_at_k, train_ivf)
@@ -83,6 +88,8 @@ class Header:
     ivf_bytes: int = 0
     ivf_sha256: str = ""
     nprobe: int = 0
+    space_id: int = 0          # the fitted space the rows are projected into; 0: the embeddings themselves
+    space_sha256: str = ""     # its parameters' checksum
     format: str = FORMAT
     version: int = FORMAT_VERSION
 
@@ -97,9 +104,11 @@ def index_dir(db: Database) -> Path:
     return root.with_name(root.name + ".index")
 
 
-def model_dir(db: Database, model_id: int, root: Path | None = None) -> Path:
-    """The index folder of feature model ``model_id``, in ``root`` (default :func:`index_dir`)."""
-    return (index_dir(db) if root is None else root) / f"model-{int(model_id)}"
+def model_dir(db: Database, model_id: int, root: Path | None = None, space: Space | None = None) -> Path:
+    """The index folder of feature model ``model_id`` (of its fitted ``space``), in ``root`` (default
+    :func:`index_dir`)."""
+    name = f"model-{int(model_id)}" + (f"-space-{int(space.id)}" if space is not None else "")
+    return (index_dir(db) if root is None else root) / name
 
 
 def generation(conn, model_id: int) -> tuple[int, int]:
@@ -398,8 +407,10 @@ class MappedIndex:
 
 # ---------------------------------------------------------------- opening, building, catching up
 
-def open_index(db: Database, model_id: int, kind: str = "auto", *, private: bool = False) -> MappedIndex:
-    """The index of feature model ``model_id``, caught up with the database (built on first use).
+def open_index(db: Database, model_id: int, kind: str = "auto", *, private: bool = False,
+               space: Space | None = None) -> MappedIndex:
+    """The index of feature model ``model_id`` (or of its fitted ``space``), caught up with the database
+    (built on first use).
 
     ``kind``: "exact", "ivf" or "auto" (IVF from :data:`~lookalike.vectors.IVF_THRESHOLD` vectors).
     :class:`IndexUnavailable` when the folder cannot be written and the index is not fresh;
@@ -407,7 +418,7 @@ def open_index(db: Database, model_id: int, kind: str = "auto", *, private: bool
     """
     if kind not in KINDS:
         raise BadInput(f"index must be one of {', '.join(KINDS)}, not {kind!r}")
-    folder = model_dir(db, model_id, _private_root() / _database_id(db) if private else None)
+    folder = model_dir(db, model_id, _private_root() / _database_id(db) if private else None, space)
     with db.engine.connect() as conn:
         current, _pruned = generation(conn, model_id)
     opened = _open_files(folder)
@@ -415,13 +426,13 @@ def open_index(db: Database, model_id: int, kind: str = "auto", *, private: bool
             or opened.header.database != db.setting("database_id"):
         try:
             with _locked(folder):
-                opened = update(db, model_id, folder, kind)
+                opened = update(db, model_id, folder, kind, space=space)
         except IndexUnavailable as exc:
             # Readable but not writable here (a PL/Python backend, another OS user): the changes since, in memory.
-            if not _catchable(db, model_id, opened):
+            if not _catchable(db, model_id, opened, space):
                 raise IndexUnavailable(f"{exc}, nor read as OS user {pwd.getpwuid(os.geteuid()).pw_name} (it "
                                        f"needs r-x on the folders and r on the files to share the index)") from None
-            opened = _caught_up_in_memory(db, opened, current)
+            opened = _caught_up_in_memory(db, opened, current, space)
     if kind == "ivf" and opened.ivf is None:
         raise BadInput(f"an IVF index needs at least 1000 vectors to train, got {len(opened)}")
     opened.use_ivf = kind != "exact"
@@ -443,26 +454,34 @@ def _wanted_ivf(index: MappedIndex, kind: str) -> bool:
 
 
 def update(db: Database, model_id: int, folder: Path, kind: str = "auto", *, rebuild: bool = False,
-           add=None) -> MappedIndex:
+           add=None, space: Space | None = None) -> MappedIndex:
     """Bring the files in ``folder`` up to the database (the caller holds the lock): catch up, or build.
-    ``add``: how rows go into the IVF structure (see :func:`_fold_ivf`)."""
+    ``add``: how rows go into the IVF structure (see :func:`_fold_ivf`); ``space``: project the rows into it."""
     weights, dim = _model(db, model_id)
     database = _database_id(db)
     opened = None if rebuild else _open_files(folder)
-    if opened is not None and (opened.header.database, opened.header.weights_sha256) != (database, weights):
+    if opened is not None and not _same_source(opened.header, database, weights, space):
         opened = None
     with db.engine.connect() as conn:
         current, pruned = generation(conn, model_id)
     if opened is None or opened.header.generation < pruned:
-        opened = _build(db, folder, Header(database, model_id, weights, dim, generation=current, epoch=0,
-                                            rows=0, live=0, ids_sha256="", sample_sha256=""))
+        opened = _build(db, folder, Header(database, model_id, weights, dim if space is None else space.dim,
+                                            generation=current, epoch=0, rows=0, live=0, ids_sha256="",
+                                            sample_sha256="", space_id=space.id if space else 0,
+                                            space_sha256=space.checksum if space else ""), space)
     elif opened.header.generation != current:
-        opened = _catch_up(db, opened, current)
+        opened = _catch_up(db, opened, current, space)
     if opened.ivf is None and _wanted_ivf(opened, kind) or opened.ivf is not None and \
             opened.header.rows - opened.header.ivf_rows > TAIL_ROWS:
         opened = _commit(folder, opened.header, opened.row_ids, new_ivf=_fold_ivf(opened, add))
     _prune(db, model_id, opened.header.generation, pruned)
     return opened
+
+
+def _same_source(h: Header, database: str, weights: str, space: Space | None) -> bool:
+    """Whether the files of header ``h`` hold these rows: this database, these weights, this space."""
+    return (h.database, h.weights_sha256, h.space_id, h.space_sha256) == (
+        database, weights, space.id if space else 0, space.checksum if space else "")
 
 
 def _model(db: Database, model_id: int) -> tuple[str, int]:
@@ -549,15 +568,19 @@ def _unit_rows(matrix: np.ndarray) -> np.ndarray:
     return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
 
 
-def _embedding_chunks(db: Database, model_id: int, dim: int, image_ids: np.ndarray | None = None
+def _embedding_chunks(db: Database, model_id: int, image_ids: np.ndarray | None = None, space: Space | None = None
                       ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(ids, unit rows) of stored embeddings in chunks: all of a model's (by image id), or those of ``image_ids``."""
+    """(ids, unit rows) of stored embeddings in chunks: all of a model's (by image id), or those of ``image_ids``;
+    projected into ``space`` when given (from the stored vectors as they are: a space was fitted on those)."""
+    dim = _model(db, model_id)[1]
+
     def decode(rows):
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         blob = b"".join(r[1] for r in rows)
         if len(blob) != len(rows) * dim * 4:
             raise BadInput(f"stored embeddings of model {model_id} are not all {dim} float32 numbers")
-        return ids, _unit_rows(np.frombuffer(blob, dtype="<f4").reshape(len(rows), dim))
+        vectors = np.frombuffer(blob, dtype="<f4").reshape(len(rows), dim)
+        return ids, _unit_rows(vectors) if space is None else space.project(vectors)
 
     query = sa.select(embeddings.c.image_id, embeddings.c.vector).where(embeddings.c.model_id == model_id)
     with db.engine.connect() as conn:
@@ -615,12 +638,13 @@ def _commit(folder: Path, h: Header, row_ids: np.ndarray, ivf=None, new_ivf=None
     return MappedIndex(folder, h, row_ids, matrix, ivf)
 
 
-def _build(db: Database, folder: Path, h: Header) -> MappedIndex:
-    """Every embedding of the model into a new matrix file; the IVF structure is added by the caller when wanted."""
+def _build(db: Database, folder: Path, h: Header, space: Space | None) -> MappedIndex:
+    """Every embedding of the model (projected into ``space``) into a new matrix file; the IVF structure is
+    added by the caller when wanted."""
     h.epoch = 1 + max((int(p.name.split(".")[1]) for p in folder.glob("vectors.*.f32")
                        if p.name.split(".")[1].isdigit()), default=0)
     path = folder / f"vectors.{h.epoch}.f32"
-    return _commit(folder, h, _append(path, 0, h.dim, _embedding_chunks(db, h.model_id, h.dim)))
+    return _commit(folder, h, _append(path, 0, h.dim, _embedding_chunks(db, h.model_id, space=space)))
 
 
 def _changed(db: Database, index: MappedIndex, current: int) -> tuple[np.ndarray, np.ndarray]:
@@ -637,21 +661,20 @@ def _changed(db: Database, index: MappedIndex, current: int) -> tuple[np.ndarray
     return changed, row_ids
 
 
-def _catchable(db: Database, model_id: int, index: MappedIndex | None) -> bool:
-    """Whether ``index`` (opened, maybe stale) can be caught up from the change log: same database and weights,
-    and the log not pruned past it."""
-    if index is None or index.header.database != db.setting("database_id") \
-            or index.header.weights_sha256 != _model(db, model_id)[0]:
+def _catchable(db: Database, model_id: int, index: MappedIndex | None, space: Space | None) -> bool:
+    """Whether ``index`` (opened, maybe stale) can be caught up from the change log: same database, weights
+    and space, and the log not pruned past it."""
+    if index is None or not _same_source(index.header, db.setting("database_id"), _model(db, model_id)[0], space):
         return False
     with db.engine.connect() as conn:
         return index.header.generation >= generation(conn, model_id)[1]
 
 
-def _caught_up_in_memory(db: Database, index: MappedIndex, current: int) -> MappedIndex:
+def _caught_up_in_memory(db: Database, index: MappedIndex, current: int, space: Space | None = None) -> MappedIndex:
     """``index`` with the changes after its generation applied in this process only (its files stay as they are)."""
     h = Header(**asdict(index.header))
     changed, row_ids = _changed(db, index, current)
-    chunks = list(_embedding_chunks(db, h.model_id, h.dim, changed))
+    chunks = list(_embedding_chunks(db, h.model_id, changed, space))
     added = np.concatenate([ids for ids, _ in chunks]) if chunks else np.zeros(0, dtype=np.int64)
     extra = np.concatenate([rows for _, rows in chunks]) if chunks else np.zeros((0, h.dim), dtype=np.float32)
     row_ids = np.concatenate([row_ids, added])
@@ -659,13 +682,13 @@ def _caught_up_in_memory(db: Database, index: MappedIndex, current: int) -> Mapp
     return MappedIndex(index.folder, h, row_ids, index.matrix, index.ivf, extra=extra)
 
 
-def _catch_up(db: Database, index: MappedIndex, current: int) -> MappedIndex:
+def _catch_up(db: Database, index: MappedIndex, current: int, space: Space | None) -> MappedIndex:
     """Apply the changes logged after the index's generation: each changed id's row dies, its current vector
     (if it still has one) is appended. Idempotent, so changes committed meanwhile are simply seen again."""
     h = Header(**asdict(index.header))
     changed, row_ids = _changed(db, index, current)
     added = _append(index.folder / f"vectors.{h.epoch}.f32", h.rows, h.dim,
-                    _embedding_chunks(db, h.model_id, h.dim, changed))
+                    _embedding_chunks(db, h.model_id, changed, space))
     row_ids = np.concatenate([row_ids, added])
     h.generation = current
     dead = int((row_ids < 0).sum())
@@ -767,66 +790,103 @@ class IndexStatus:
     generation: int
     database_generation: int
     recall_at_10: float | None
+    space: str = "embeddings"
+    spaces: tuple[IndexStatus, ...] = ()   # the indexes of the spaces fitted on the same feature model
 
     @property
     def fresh(self) -> bool:
-        return self.generation == self.database_generation
+        return self.generation == self.database_generation and all(space.fresh for space in self.spaces)
 
     def lines(self) -> list[str]:
+        what = self.model if self.space == "embeddings" else f"{self.model}, {self.space} space"
         if self.generation < 0:   # no files: never built, or the folder cannot be written
-            return [f"index {self.folder} ({self.model}): {self.kind}"]
-        state = "fresh" if self.fresh else f"stale (the database is at generation {self.database_generation})"
-        out = [f"index {self.folder} ({self.model}): {self.kind}, {self.vectors} vectors in {self.rows} rows, "
-               f"{self.bytes / 2**20:.1f} MiB, generation {self.generation}, {state}"]
-        if self.recall_at_10 is not None:
-            out.append(f"  IVF recall@10 on a sample of 100: {self.recall_at_10:.3f}")
-        return out
+            out = [f"index {self.folder} ({what}): {self.kind}"]
+        else:
+            state = "fresh" if self.generation == self.database_generation else \
+                f"stale (the database is at generation {self.database_generation})"
+            out = [f"index {self.folder} ({what}): {self.kind}, {self.vectors} vectors in {self.rows} rows, "
+                   f"{self.bytes / 2**20:.1f} MiB, generation {self.generation}, {state}"]
+            if self.recall_at_10 is not None:
+                out.append(f"  IVF recall@10 on a sample of 100: {self.recall_at_10:.3f}")
+        return out + [line for space in self.spaces for line in space.lines()]
 
 
-def _latest_model(db: Database, backbone: str) -> int:
+def _latest_model(db: Database, backbone: str) -> tuple[int, list[Space]]:
+    """The latest feature model of ``backbone`` and the spaces fitted on it."""
     from .db import latest_feature_model
     with db.engine.connect() as conn:
-        return latest_feature_model(conn, backbone)
+        model_id = latest_feature_model(conn, backbone)
+        return model_id, fitted_spaces(conn, model_id)
+
+
+def _with_spaces(status, spaces: list[Space]) -> IndexStatus:
+    """``status(space)`` of the embeddings' index, the spaces' statuses inside it."""
+    return replace(status(None), spaces=tuple(status(space) for space in spaces))
 
 
 def index_status(db: Database, *, backbone: str = DEFAULT_BACKBONE) -> IndexStatus:
-    """Size, generation and freshness of the index of ``backbone``'s latest model (read-only), IVF recall@10."""
-    model_id = _latest_model(db, backbone)
-    folder = model_dir(db, model_id)
+    """Size, generation and freshness of the indexes of ``backbone``'s latest model and its fitted spaces
+    (read-only), IVF recall@10."""
+    model_id, spaces = _latest_model(db, backbone)
     with db.engine.connect() as conn:
         current, _pruned = generation(conn, model_id)
-    opened = _open_files(folder)
-    if opened is None:
-        return IndexStatus(str(folder), backbone, "none (built on the first search)", 0, 0, 0, -1, current, None)
-    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-    return IndexStatus(str(folder), backbone, opened.kind, len(opened), opened.header.rows, size,
-                       opened.generation, current, opened.recall())
+
+    def status(space: Space | None) -> IndexStatus:
+        folder, name = model_dir(db, model_id, space=space), space.name if space else "embeddings"
+        opened = _open_files(folder)
+        if opened is None:
+            return IndexStatus(str(folder), backbone, "none (built on the first search)", 0, 0, 0, -1, current,
+                               None, name)
+        size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+        return IndexStatus(str(folder), backbone, opened.kind, len(opened), opened.header.rows, size,
+                           opened.generation, current, opened.recall(), name)
+    return _with_spaces(status, spaces)
 
 
 def refresh_index(db: Database, *, backbone: str = DEFAULT_BACKBONE, index: str = INDEX_KIND.default) -> IndexStatus:
-    """Build the index of ``backbone``'s latest model, or catch it up, so the next search opens it ready
-    (`lookalike run` does this after featurize); its status without the recall sample."""
-    model_id = _latest_model(db, backbone)
-    folder = model_dir(db, model_id)
-    try:
-        opened = open_index(db, model_id, index)
-    except IndexUnavailable as exc:   # not worth failing a run for: each search indexes in memory instead
-        return IndexStatus(str(folder), backbone, f"not kept ({exc}): each search indexes in memory", 0, 0, 0,
-                           -1, -1, None)
-    if opened.extra is not None:
-        return IndexStatus(str(folder), backbone, "read-only here: each search applies the changes since in memory",
-                           0, 0, 0, -1, -1, None)
-    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-    return IndexStatus(str(folder), backbone, opened.kind, len(opened), opened.header.rows, size,
-                       opened.generation, opened.generation, None)
+    """Build the indexes of ``backbone``'s latest model and its fitted spaces, or catch them up, so the next
+    search opens them ready (`lookalike run` does this after featurize, `lookalike fit` after fitting); their
+    status without the recall sample. Folders of spaces fitted over since are removed."""
+    model_id, spaces = _latest_model(db, backbone)
+    _remove_refitted(db, model_id, spaces)
+
+    def status(space: Space | None) -> IndexStatus:
+        folder, name = model_dir(db, model_id, space=space), space.name if space else "embeddings"
+        try:
+            opened = open_index(db, model_id, index, space=space)
+        except IndexUnavailable as exc:   # not worth failing a run for: each search indexes in memory instead
+            return IndexStatus(str(folder), backbone, f"not kept ({exc}): each search indexes in memory", 0, 0, 0,
+                               -1, -1, None, name)
+        if opened.extra is not None:
+            return IndexStatus(str(folder), backbone, "read-only here: each search applies the changes since in "
+                               "memory", 0, 0, 0, -1, -1, None, name)
+        size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+        return IndexStatus(str(folder), backbone, opened.kind, len(opened), opened.header.rows, size,
+                           opened.generation, opened.generation, None, name)
+    return _with_spaces(status, spaces)
+
+
+def _remove_refitted(db: Database, model_id: int, spaces: list[Space]) -> None:
+    """Remove the index folders of this model's spaces that were fitted again since (a refit is a new row)."""
+    current = {model_dir(db, model_id, space=space).name for space in spaces}
+    for folder in index_dir(db).glob(f"model-{int(model_id)}-space-*"):
+        if folder.name not in current and folder.name.rsplit("-", 1)[1].isdigit():
+            try:
+                with _locked(folder):
+                    for path in folder.iterdir():
+                        path.unlink()
+                folder.rmdir()
+            except (IndexUnavailable, OSError):   # another user's folder, or in use: left for later
+                pass
 
 
 def rebuild_index(db: Database, *, backbone: str = DEFAULT_BACKBONE, index: str = INDEX_KIND.default,
                   add=None) -> IndexStatus:
-    """Rebuild the index of ``backbone``'s latest model from the database; its status after.
-    ``add``: how rows go into the IVF structure (``lookalike spark index`` adds them on Spark)."""
-    model_id = _latest_model(db, backbone)
-    folder = model_dir(db, model_id)
-    with _locked(folder):
-        update(db, model_id, folder, index, rebuild=True, add=add)
+    """Rebuild the indexes of ``backbone``'s latest model and its fitted spaces from the database; their status
+    after. ``add``: how rows go into an IVF structure (``lookalike spark index`` adds them on Spark)."""
+    model_id, spaces = _latest_model(db, backbone)
+    for space in [None, *spaces]:
+        folder = model_dir(db, model_id, space=space)
+        with _locked(folder):
+            update(db, model_id, folder, index, rebuild=True, add=add, space=space)
     return index_status(db, backbone=backbone)

@@ -24,11 +24,11 @@ import numpy as np
 import sqlalchemy as sa
 
 from .config import DEFAULT_BACKBONE
-from .db import (Database, embeddings, images, latest_classifier_scores, latest_feature_model, load_embeddings,
+from .db import (Database, images, latest_classifier_scores, latest_feature_model,
                  non_keepers, now, query_images, ranking_results, recorded_run, scores, vector_from_bytes)
 from .errors import BadInput, NotFound, Precondition
 from .index import IndexUnavailable, generation, open_index
-from .spaces import BUILT_IN, FITTED, Space, fitted_id, load_space, resolve_space, space_matrix
+from .spaces import BUILT_IN, FITTED, Space, fitted_id, load_space, resolve_space
 from .steps import check, default
 from .store import sha256_hex
 from .vectors import build_index
@@ -59,8 +59,8 @@ class Match:
 
 
 class Collection:
-    """What one space offers to search: the persistent index (embeddings), or in memory the class scores or a
-    fitted space's vectors (images featurized since the fit are projected with its stored parameters).
+    """What one space offers to search: the persistent index of the embeddings or of a fitted space (images
+    featurized since the fit are projected with its stored parameters), or in memory the class scores.
 
     Labels and sources are read from the database for the results only, never for the whole collection.
     """
@@ -80,18 +80,15 @@ class Collection:
                 self.fitted = load_space(conn, space, self.feature_model_id)
                 if self.fitted is None:
                     raise Precondition(f"no {space} space fitted on {backbone} embeddings: run `lookalike fit`")
-                ids, matrix = _fitted_vectors(conn, self.fitted)
             self.version = _version(conn, space, self.feature_model_id, self.classifier_id)
-        if space == "embeddings":
-            try:
-                self.index = open_index(db, self.feature_model_id, index)
-            except IndexUnavailable as exc:   # a read-only folder: this process indexes in a private one
-                log.warning("%s; indexing in a temporary folder instead", exc)
-                self.index = open_index(db, self.feature_model_id, index, private=True)
-        elif space == "scores":
+        if space == "scores":
             self.index = build_index(ids, _unit(matrix), kind="exact")   # a few class columns: exact is instant
         else:
-            self.index = build_index(ids, matrix, kind=index)
+            try:
+                self.index = open_index(db, self.feature_model_id, index, space=self.fitted)
+            except IndexUnavailable as exc:   # a read-only folder: this process indexes in a private one
+                log.warning("%s; indexing in a temporary folder instead", exc)
+                self.index = open_index(db, self.feature_model_id, index, private=True, space=self.fitted)
         if len(self.index) == 0:
             needs = "featurize and train" if space == "scores" else "featurize"
             raise Precondition(f"no stored {space} to search: run {needs}")
@@ -125,7 +122,7 @@ class Collection:
             allowed = allowed[self.index.rows_of(allowed) >= 0]
             if not len(allowed):
                 raise NotFound(f"no searchable image has label {label!r}")
-        if self.space == "embeddings":
+        if self.space != "scores":
             found_ids, distances = self.index.search(vector, k, exclude=exclude, allowed=allowed)
         else:
             found, dists = self.index.search(_unit(vector.reshape(1, -1)), k, exclude=[exclude], allowed=allowed)
@@ -141,12 +138,11 @@ class Collection:
         return out
 
     def stored_vector(self, image_id: int) -> np.ndarray:
-        if self.space == "embeddings":
+        if self.space != "scores":
             vector = self.index.vector(image_id)
         else:
-            exact = getattr(self.index, "exact", self.index)   # an IVF index keeps its vectors in an exact one
-            row = exact.rows_of([image_id])[0]
-            vector = None if row < 0 else exact.vectors[row]
+            row = self.index.rows_of([image_id])[0]
+            vector = None if row < 0 else self.index.vectors[row]
         if vector is None:
             raise NotFound(f"image {image_id} has no stored {self.space} vector")
         return vector
@@ -194,24 +190,6 @@ def _load_scores(conn, feature_model_id: int):
     ids = np.array(sorted(stored), dtype=np.int64)
     matrix = np.stack([vector_from_bytes(stored[i]) for i in ids.tolist()]) if stored else np.zeros((0, 0), np.float32)
     return model_id, ids, matrix
-
-
-def _fitted_vectors(conn, space: Space) -> tuple[np.ndarray, np.ndarray]:
-    """The space's stored vectors, plus those of embeddings added since, projected here (not stored: a
-    search writes nothing; featurize stores them)."""
-    ids, matrix = space_matrix(conn, space)
-    stored = np.array(conn.execute(sa.select(embeddings.c.image_id).where(
-        embeddings.c.model_id == space.feature_model_id)).scalars().all(), dtype=np.int64)
-    missing = np.setdiff1d(stored, ids)
-    if not len(missing):
-        return ids, matrix
-    new_ids, new_vectors = load_embeddings(conn, space.feature_model_id, missing)
-    projected = space.project(new_vectors)
-    if not len(ids):
-        return new_ids, projected
-    joined_ids = np.concatenate([ids, new_ids])
-    order = np.argsort(joined_ids, kind="stable")
-    return joined_ids[order], np.concatenate([matrix, projected])[order]
 
 
 def _unit(matrix: np.ndarray) -> np.ndarray:

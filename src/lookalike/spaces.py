@@ -81,12 +81,19 @@ class Part:
 
 @dataclass(frozen=True)
 class Space:
-    """A fitted space: its row id and the parts its vectors are made of."""
+    """A fitted space: its row id, the parts its vectors are made of, and their stored checksum."""
 
     id: int
     name: str
     feature_model_id: int
     parts: tuple[Part, ...]
+    checksum: str
+
+    @property
+    def dim(self) -> int:
+        """The length of this space's vectors."""
+        return sum(2 if part.kind == "softmax" and part.matrix.shape[1] == 1 else part.matrix.shape[1]
+                   for part in self.parts)
 
     def project(self, vectors: np.ndarray) -> np.ndarray:
         """Embeddings (n, d) to this space's unit vectors (n, k), float32."""
@@ -123,6 +130,7 @@ class FitSummary:
     skipped: dict[str, str] = field(default_factory=dict)             # space -> why not
     projected: int = 0
     seconds: float = 0.0
+    indexes: list[str] = field(default_factory=list)                  # the spaces' index folders, as status says
 
     def lines(self) -> list[str]:
         out = [f"fit ({self.feature_model}): {', '.join(self.fitted) or 'no space'} fitted, "
@@ -131,7 +139,7 @@ class FitSummary:
             out.append(f"  {name}: {on['dim']} dimensions, fitted on {on['images']} images"
                        + (f" of {on['labels']} labels (train split)" if "labels" in on else ""))
         out += [f"  {name}: not fitted ({why})" for name, why in self.skipped.items()]
-        return out
+        return out + [f"  {line}" for line in self.indexes]
 
 
 def fit_spaces(db: Database, *, backbone: str = DEFAULT_BACKBONE, seed: int = default("fit", "seed"),
@@ -180,6 +188,9 @@ def fit_spaces(db: Database, *, backbone: str = DEFAULT_BACKBONE, seed: int = de
         for name, parts in fitted.items():
             space = _store_space(db, name, model_id, parts, {**summary.fitted[name], "seed": seed})
             summary.projected += project_missing(db, space, progress=progress)
+        from .index import refresh_index   # lazy: index imports this module
+        # Now, not on the first search: the new spaces' index folders (and the old ones removed).
+        summary.indexes = [line for status in refresh_index(db, backbone=backbone).spaces for line in status.lines()]
         summary.seconds = time.monotonic() - started
         counts.update(fitted=list(summary.fitted), skipped=summary.skipped, projected=summary.projected)
     return summary
@@ -211,7 +222,7 @@ def _store_space(db: Database, name: str, model_id: int, parts, fitted_on: dict)
             name=name, feature_model_id=model_id, params=params, checksum=hashlib.sha256(params).hexdigest(),
             fitted_on=json.dumps(fitted_on, sort_keys=True), created_at=now()).returning(similarity_spaces.c.id)
         ).scalar_one()
-    return Space(space_id, name, model_id, _unpack(params))
+    return Space(space_id, name, model_id, _unpack(params), hashlib.sha256(params).hexdigest())
 
 
 def project_missing(db: Database, space: Space, *, progress: bool = False) -> int:
@@ -269,22 +280,11 @@ def load_space(conn, name: str, feature_model_id: int) -> Space | None:
         return None
     if hashlib.sha256(row.params).hexdigest() != row.checksum:
         raise Precondition(f"the stored {name} space's parameters fail their checksum: run `lookalike fit` again")
-    return Space(row.id, name, feature_model_id, _unpack(row.params))
+    return Space(row.id, name, feature_model_id, _unpack(row.params), row.checksum)
 
 
 def fitted_spaces(conn, feature_model_id: int) -> list[Space]:
     return [space for name in FITTED if (space := load_space(conn, name, feature_model_id)) is not None]
-
-
-def space_matrix(conn, space: Space) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, vectors) of every image with a vector in ``space`` whose embedding is still stored."""
-    rows = conn.execute(sa.select(space_vectors.c.image_id, space_vectors.c.vector)
-                        .join(embeddings, sa.and_(embeddings.c.image_id == space_vectors.c.image_id,
-                                                  embeddings.c.model_id == space.feature_model_id))
-                        .where(space_vectors.c.space_id == space.id).order_by(space_vectors.c.image_id)).all()
-    ids = np.array([r.image_id for r in rows], dtype=np.int64)
-    vectors = np.stack([vector_from_bytes(r.vector) for r in rows]) if rows else np.zeros((0, 0), np.float32)
-    return ids, vectors
 
 
 def record_default(conn, feature_model_id: int, table: dict[str, dict[str, float]], evaluation_id: int) -> str:
