@@ -14,7 +14,10 @@ Large photographs (issue 11: >= 100 images/s on >= 8 MP JPEGs): the seven real
 photographs of 8 MP and more among the dev set's allowed sources (Debian's
 lomiri-wallpapers, 9.8-20.4 MP, as shipped, not upscaled; bench/devset.py
 fetches them), each embedded ``--repeats`` times, through ONNX Runtime and the
-torch engine; beside them the decode alone (draft and full) on one thread.
+torch engine; beside them, on one thread, the decode alone (draft and full) and
+the floors: the network alone, and the least libjpeg decodes for a 1/8-scale
+image (a progressive file's DC scans; a baseline file's whole stream).
+Each figure is printed with the load average: the machine may be shared.
 
     python bench/bench_featurize.py [--quick]
     python bench/bench_featurize.py --photos-only [--repeats 20]
@@ -23,7 +26,9 @@ torch engine; beside them the decode alone (draft and full) on one thread.
 from __future__ import annotations
 
 import argparse
+import io
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -72,6 +77,10 @@ def torch_engine() -> EfficientNetLite0:
         del os.environ[ENGINE_ENV]
 
 
+def load() -> str:
+    return f"load {os.getloadavg()[0]:.1f}"
+
+
 def timed(fn, *args) -> tuple[float, float, np.ndarray]:
     """Wall seconds, process CPU seconds (all threads), and the result of ``fn(*args)``."""
     wall, cpu = time.perf_counter(), time.process_time()
@@ -90,6 +99,27 @@ def enlarge(paths: list[Path], out: Path, factor: float = 2.0) -> list[Path]:
         image.save(target, "JPEG", quality=90)
         big.append(target)
     return big
+
+
+_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7]")   # a marker: not a stuffed 0xff byte, not a restart
+
+
+def dc_scans_only(data: bytes) -> bytes:
+    """The JPEG without its AC scans: for a progressive file, all that a 1/8-scale image is computed from
+    (libjpeg's 1/8 IDCT reads only the DC coefficient); a baseline file, one scan, is kept whole."""
+    out, pos = [data[:2]], 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF and data[pos + 1] != 0xD9:
+        end = pos + 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        if data[pos + 1] == 0xDA:   # start of scan: the header, then entropy-coded data up to the next marker
+            components = data[pos + 4]
+            hit = _MARKER.search(data, end)
+            end = hit.start() if hit else len(data)
+            if data[pos + 5 + 2 * components] != 0:   # spectral selection starts above DC: an AC scan
+                pos = end
+                continue
+        out.append(data[pos:end])
+        pos = end
+    return b"".join(out) + b"\xff\xd9"
 
 
 # Every allowed photograph of >= 8 MP (bench/devset.py's sources; none of the held-out packages).
@@ -124,11 +154,19 @@ def large_photos(repeats: int) -> None:
     for name, run in runners.items():
         seconds, cpu_seconds, _ = timed(run, paths)
         print(f"{name:34s}: {len(paths) / seconds:6.1f} images/s, {1000 * cpu_seconds / len(paths):6.1f} ms CPU "
-              f"per image (goal: >= 100 images/s)")
-    draft_seconds, _, _ = timed(lambda: [backbone.prepare(p) for p in photos * 2])
+              f"per image (goal: >= 100 images/s)  {load()}")
+    draft_seconds, _, arrays = timed(lambda: np.stack([backbone.prepare(p) for p in photos * 2]))
     full_seconds, _, _ = timed(lambda: [backbone.preprocess(open_image(p)) for p in photos])
     print(f"decode + resize alone, one thread: draft {2 * len(photos) / draft_seconds:6.1f} images/s, "
-          f"full decode {len(photos) / full_seconds:5.1f} images/s")
+          f"full decode {len(photos) / full_seconds:5.1f} images/s  {load()}")
+    # The floors on one thread: whatever the pipeline, 2 cores give at most twice these.
+    streams = [dc_scans_only(p.read_bytes()) for p in photos]
+    dc_seconds, _, _ = timed(lambda: [open_image(s, draft=backbone.draft) for s in streams * 2])
+    net_seconds, _, _ = timed(lambda: [backbone.embed_batch(arrays[i:i + 4]) for i in range(0, len(arrays), 4)])
+    kept = sum(map(len, streams)) / sum(p.stat().st_size for p in photos)
+    print(f"floors, one thread: libjpeg decoding only the DC scans ({kept:.0%} of the bytes) "
+          f"{2 * len(photos) / dc_seconds:6.1f} images/s; the network alone {len(arrays) / net_seconds:6.1f} "
+          f"images/s  {load()}")
 
 
 def main() -> None:
@@ -146,7 +184,7 @@ def main() -> None:
         samples = render_samples(Path(tmp) / "samples", per_label=per_label, copy_share=0.0)
         paths = sorted(samples.root.glob("*/*.jpg"))
         kb = np.mean([p.stat().st_size for p in paths]) / 1024
-        print(f"{len(paths)} JPEGs, mean {kb:.0f} KB, torch threads {torch.get_num_threads()}")
+        print(f"{len(paths)} JPEGs, mean {kb:.0f} KB, torch threads {torch.get_num_threads()}, {load()}")
 
         model = naive_model()
         default_threads = torch.get_num_threads()
@@ -175,6 +213,8 @@ def main() -> None:
                 seconds, cpu_seconds, vectors[name] = timed(run, paths)
                 rates[name].append(len(paths) / seconds)
                 cpu_ms[name].append(1000 * cpu_seconds / len(paths))
+            pair = rates["embed_sources"][-1] / rates["embed_sources, torch engine"][-1]
+            print(f"  this round: ONNX Runtime / torch engine {pair:.2f}x  {load()}")
         rate = {name: float(np.median(r)) for name, r in rates.items()}
         # CPU time per image is the figure that other processes on the machine disturb least.
         for name, r in rate.items():
@@ -182,7 +222,8 @@ def main() -> None:
         naive_rate = max(r for name, r in rate.items() if name.startswith("naive"))
         ours_rate = rate["embed_sources"]
         print(f"ratio to the faster naive loop : {ours_rate / naive_rate:6.2f}x  (targets: >= 40 images/s, >= 2x)")
-        print(f"ONNX Runtime / torch engine    : {ours_rate / rate['embed_sources, torch engine']:6.2f}x  (target: >= 2x)")
+        torch_rate = rate["embed_sources, torch engine"]
+        print(f"ONNX Runtime / torch engine    : {ours_rate / torch_rate:6.2f}x  (target: >= 2x)  {load()}")
         agreement = float(np.max(1 - np.sum(vectors["naive loop, 1 torch thread"] * vectors["embed_sources"], axis=1)))
         print(f"max cosine distance, ours vs naive: {agreement:.2e}")
 

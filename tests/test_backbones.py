@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -219,6 +220,36 @@ def test_embed_sources_reads_its_input_lazily():
     assert pulled <= (2 + 2) * 4  # workers + 1 batches in flight plus the one being yielded
     results.close()  # stopping early shuts the workers down and gives torch its threads back
     assert torch.get_num_threads() == threads
+
+
+class MeetingHistogram(ColourHistogram):
+    """Decodes one image per unit; the first two images wait for each other, on different threads."""
+
+    chunk = 1
+
+    def __init__(self, device: str):
+        super().__init__(device)
+        self.meeting = threading.Barrier(2, timeout=20)
+        self.threads: list[str] = []
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        self.threads.append(threading.current_thread().name)
+        if len(self.threads) <= 2:
+            self.meeting.wait()   # broken (an error) unless another worker decodes at the same time
+        return super().preprocess(image)
+
+
+@pytest.mark.timeout(60)
+def test_embed_sources_shares_a_small_batch_among_its_workers():
+    # Fewer images than one batch (a few large photographs) still decode on every worker, in input order.
+    backbone = MeetingHistogram("cpu")
+    colours = [(250, 10, 10), (10, 250, 10), (10, 10, 250), (200, 200, 10), (10, 200, 200)]
+    items = [(n, jpeg(Image.new("RGB", (64, 48), colour))) for n, colour in enumerate(colours)]
+    results = list(embed_sources(backbone, items, batch_size=32, workers=2))
+    assert [key for key, _, _ in results] == list(range(5))
+    assert len(set(backbone.threads[:2])) == 2
+    expected = backbone.embed([open_image(source) for _, source in items])
+    np.testing.assert_allclose(np.stack([vector for _, vector, _ in results]), expected, atol=1e-6)
 
 
 def test_texture_backbone_sees_only_the_middle_without_colour():
