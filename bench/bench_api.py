@@ -9,7 +9,9 @@ the real EfficientNet-Lite0 on the query, then search the synthetic vectors.
 The server is ``lookalike.web.serve`` (uvicorn) in a subprocess; the client is httpx.
 Measured per case: latency p50/p99 with one client, and requests/s with 1 and 4
 concurrent clients. The reference is ``search.similar_images`` called in this process
-(same database, same k), and the index search alone; "API / step" is the p50 ratio.
+(same database, same k), and the index search alone; "API / step" is the p50 ratio, of
+calls interleaved one for one with the API's (so that load from elsewhere on a shared
+machine weighs on both alike). Issue 11's goal: by id, API <= 1.2x the step.
 
     python bench/bench_api.py [--quick]
 """
@@ -96,6 +98,17 @@ def latencies(call, count: int) -> np.ndarray:
     return out
 
 
+def paired(call, reference, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Latencies of ``call`` and ``reference``, alternated call by call (which goes first alternates too)."""
+    out, ref = np.empty(count), np.empty(count)
+    for i in range(count):
+        for fn, times in ((call, out), (reference, ref))[:: 1 if i % 2 == 0 else -1]:
+            start = time.perf_counter()
+            fn(i)
+            times[i] = time.perf_counter() - start
+    return out, ref
+
+
 def throughput(call, count: int, clients: int) -> float:
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -151,14 +164,16 @@ def main() -> None:
                     assert response.status_code == 200 and len(response.json()["results"]) == K, response.text
 
                 post_upload(0), post_id(0)  # first requests: connection set-up
-                cases = [("POST /api/similar {id}", post_id, id_requests, step_id),
-                         ("GET /api/images/{id}/similar", get_id, id_requests, step_id),
-                         ("POST /api/similar file (new image)", post_upload, upload_requests, step_upload)]
+                by_id = lambda i: similar_images(db, query_ids[i % len(query_ids)], k=K)  # noqa: E731
+                by_bytes = lambda i: similar_images(db, uploads[i % len(uploads)], k=K)  # noqa: E731
+                cases = [("POST /api/similar {id}", post_id, id_requests, by_id),
+                         ("GET /api/images/{id}/similar", get_id, id_requests, by_id),
+                         ("POST /api/similar file (new image)", post_upload, upload_requests, by_bytes)]
                 rows = []
                 for name, call, count, reference in cases:
-                    lat = latencies(call, count)
+                    lat, ref = paired(call, reference, count)
                     rows.append((name, count, np.percentile(lat, 50), np.percentile(lat, 99), 1 / lat.mean(),
-                                 throughput(call, count, 4), np.percentile(lat, 50) / np.percentile(reference, 50)))
+                                 throughput(call, count, 4), np.percentile(lat, 50) / np.percentile(ref, 50)))
         finally:
             server.terminate()
             server.wait(timeout=30)

