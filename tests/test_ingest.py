@@ -258,3 +258,24 @@ def test_same_bytes_listed_twice_take_the_label_listed_first_whichever_arrives_f
     assert http_server.hits["/flaky500/a.jpg"] == 2
     ((label, source),) = rows(db, images, "label", "source")
     assert (label, source) == ("dotted", http_server.url("/flaky500/a.jpg"))
+
+
+def test_ids_follow_the_manifest_whatever_finishes_first(db, tmp_path):
+    from support.http import LocalHTTPServer
+    served = {f"{i}.jpg": jpeg(100 + i) for i in range(6)} | {"dup.jpg": jpeg(100)}
+    with LocalHTTPServer(served) as server:
+        u = server.url
+        listed = [("l0", u("/slow/900/0.jpg")), ("l1", u("/slow/400/1.jpg"))] + \
+                 [(f"l{i}", u(f"/img/{i}.jpg")) for i in range(2, 6)] + [("late", u("/img/dup.jpg"))]
+        manifest = tmp_path / "urls.tsv"
+        manifest.write_text("".join(f"{label}\t{url}\n" for label, url in listed))
+        summary = load_images(db, manifest, concurrency=4)
+    assert (summary.loaded, summary.already_present) == (6, 1)
+    with db.engine.connect() as conn:
+        stored = {sha: (image_id, label, source) for image_id, sha, label, source in conn.execute(
+            sa.select(images.c.id, images.c.sha256, images.c.label, images.c.source))}
+    in_order = [stored[sha256_hex(served[f"{i}.jpg"])] for i in range(6)]
+    # The slow first lines finished last, yet got the first ids; the fast late copy of 0.jpg's bytes did not
+    # take its row: the label and source are the first listed's.
+    assert [image_id for image_id, _, _ in in_order] == sorted(image_id for image_id, _, _ in in_order)
+    assert in_order[0][1:] == ("l0", listed[0][1])

@@ -303,23 +303,31 @@ def load_images(db: Database, source: str | Path | Iterable[Item], *, label_colu
             progress = sys.stderr.isatty()
 
         pending_rows: list[_Fetched] = []
-        order = _InputOrder({item.key: i for i, item in enumerate(todo)})
+        # Fetches finish in any order; rows are written in input order, so that image ids follow the folder or
+        # manifest whatever finished first (a re-run gives the same ids), and the same bytes under two sources
+        # get the row of the source listed first. What finished early waits here, small (no image bytes).
+        position = {item.key: i for i, item in enumerate(todo)}
+        finished: dict[int, _Fetched] = {}
+        next_row = 0   # the input position written next
         last_commit = time.monotonic()
         bar = tqdm(total=len(todo), unit="img", desc="load", disable=not progress, leave=False)
         client = make_client(limits, concurrency)
         pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="load")
         try:
-            for _, future in completed(pool, lambda item: _fetch_and_store(item, db, client, limits), todo,
-                                       window=concurrency * 4):
-                pending_rows.append(future.result())
+            for item, future in completed(pool, lambda item: _fetch_and_store(item, db, client, limits), todo,
+                                          window=concurrency * 4):
+                finished[position[item.key]] = future.result()
                 bar.update(1)
+                while next_row in finished:
+                    pending_rows.append(finished.pop(next_row))
+                    next_row += 1
                 if len(pending_rows) >= COMMIT_EVERY or time.monotonic() - last_commit > COMMIT_SECONDS:
-                    _record(db, pending_rows, summary, order)
+                    _record(db, pending_rows, summary)
                     pending_rows, last_commit = [], time.monotonic()
-            _record(db, pending_rows, summary, order)
+            _record(db, pending_rows, summary)
         except KeyboardInterrupt:
             summary.interrupted = True
-            _record(db, pending_rows, summary, order)
+            _record(db, pending_rows + [finished[i] for i in sorted(finished)], summary)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             client.close()
@@ -329,16 +337,7 @@ def load_images(db: Database, source: str | Path | Iterable[Item], *, label_colu
     return summary
 
 
-@dataclass
-class _InputOrder:
-    """Downloads finish in any order; the same bytes under two sources of one load must
-    still get the label of the source listed first, whichever finished first."""
-
-    position: dict[str, int]                                 # source key -> index in the input
-    owner: dict[str, int] = field(default_factory=dict)      # sha256 -> index of the source its row has
-
-
-def _record(db: Database, results: list[_Fetched], summary: LoadSummary, order: _InputOrder) -> None:
+def _record(db: Database, results: list[_Fetched], summary: LoadSummary) -> None:
     """Write one batch in one transaction: images first, then the sources that point at them.
 
     Inserts ignore conflicts and then read the row back, so another load writing the
@@ -361,7 +360,6 @@ def _record(db: Database, results: list[_Fetched], summary: LoadSummary, order: 
                     loaded_at=stamp, metadata=to_json(item.metadata),
                 ).returning(images.c.id)).scalar()
                 if image_id is not None:
-                    order.owner[r.data_sha] = order.position[key]
                     if info:
                         summary.loaded += 1
                     else:
@@ -369,10 +367,6 @@ def _record(db: Database, results: list[_Fetched], summary: LoadSummary, order: 
                 else:
                     image_id = conn.execute(sa.select(images.c.id).where(images.c.sha256 == r.data_sha)).scalar_one()
                     summary.already_present += 1
-                    if order.position[key] < order.owner.get(r.data_sha, -1):  # listed earlier, came later
-                        conn.execute(sa.update(images).where(images.c.id == image_id).values(
-                            label=item.label, source=key, metadata=to_json(item.metadata)))
-                        order.owner[r.data_sha] = order.position[key]
             else:
                 summary.failed[r.fetch_reason] += 1
             reason = r.fetch_reason and (f"line {item.line}: {r.fetch_reason}" if item.line else r.fetch_reason)

@@ -5,6 +5,7 @@ Routes (GET only):
 - ``/img/<name>``          the bytes given for ``name``, Content-Type from its extension
 - ``/404``                 404
 - ``/flaky500/<name>``     500 the first time for each name, then the image
+- ``/slow/<ms>/<name>``    the image after ``ms`` milliseconds (at most 5,000)
 - ``/redirect/<n>/<name>`` a chain of n 302 redirects ending at ``/img/<name>``
 - ``/html``                an HTML page served as 200 image/jpeg (a lying server)
 - ``/endless``             200 without Content-Length, bytes until the client leaves
@@ -38,6 +39,7 @@ ENDLESS_LIMIT = 4 * 1024**3  # bytes; bounds /endless if a client never hangs up
 HANG_LIMIT_S = 300.0         # bounds /hang if the server is never closed
 SLOW_HEADER_BYTES = 120      # /slow-headers: 120 bytes at 0.5 s each, so a minute of headers
 MAX_REDIRECTS = 100
+SLOW_LIMIT_MS = 5000
 HTML_PAGE = (b"<!DOCTYPE html>\n<html><head><title>Not found</title></head>"
              b"<body><p>This is not the image you asked for.</p></body></html>\n")
 
@@ -76,6 +78,12 @@ class _Handler(BaseHTTPRequestHandler):
                     self._reply(500, b"try again", "text/plain")
                 else:
                     self._image(rest)
+            elif route == "slow":
+                delay, _, name = rest.partition("/")
+                if delay.isdigit() and int(delay) <= SLOW_LIMIT_MS and not owner._closing.wait(int(delay) / 1000):
+                    self._image(name)
+                else:
+                    self._reply(404, b"bad delay", "text/plain")
             elif route == "redirect":
                 self._redirect(rest)
             elif route == "html":
