@@ -280,12 +280,17 @@ class MappedIndex:
         return self._tail
 
     def _pread(self, rows: np.ndarray) -> np.ndarray:
+        """The given sorted rows, each run of consecutive rows read straight into the result (one preadv)."""
         size = self.dim * 4
-        runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1) if len(rows) else []
-        data = b"".join(os.pread(self._file.fileno(), size * len(run), int(run[0]) * size) for run in runs)
-        if len(data) != size * len(rows):
-            raise BadInput(f"the index matrix {self.matrix.filename} is shorter than its header says")
-        return np.frombuffer(data, dtype="<f4").reshape(len(rows), self.dim)
+        out = np.empty((len(rows), self.dim), dtype="<f4")
+        if not len(rows):
+            return out
+        into = memoryview(out).cast("B")
+        breaks = (np.flatnonzero(np.diff(rows) != 1) + 1).tolist()
+        for lo, hi in zip([0] + breaks, breaks + [len(rows)]):
+            if os.preadv(self._file.fileno(), [into[lo * size:hi * size]], int(rows[lo]) * size) != (hi - lo) * size:
+                raise BadInput(f"the index matrix {self.matrix.filename} is shorter than its header says")
+        return out
 
     def search(self, query: np.ndarray, k: int, *, exclude: Iterable[int] = (),
                allowed: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
