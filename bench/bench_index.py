@@ -78,7 +78,7 @@ print(found[0].tolist())
 _OLD_SPACE_PATH = """
 import sys, numpy as np, sqlalchemy as sa
 from lookalike.db import Database, latest_feature_model, space_vectors, embeddings, vector_from_bytes
-from lookalike.spaces import load_space
+from lookalike.projection import load_space
 from lookalike.vectors import build_index
 db = Database({url!r})
 with db.engine.connect() as conn:
@@ -99,7 +99,7 @@ _LATENCY = """
 import json, time, numpy as np
 from lookalike.db import Database
 from lookalike.index import open_index
-from lookalike.spaces import load_space
+from lookalike.projection import load_space
 db = Database({url!r})
 with db.engine.connect() as conn:
     space = load_space(conn, "pca", 1) if {space} else None

@@ -38,7 +38,7 @@ from lookalike.config import DEFAULT_BACKBONE  # noqa: E402
 from lookalike.db import Database, images, latest_feature_model, load_embeddings  # noqa: E402
 from lookalike.pipeline import run_pipeline  # noqa: E402
 from lookalike.samples import render_samples  # noqa: E402
-from lookalike.spaces import load_space  # noqa: E402
+from lookalike.projection import load_space  # noqa: E402
 
 MEASURES = ("top1", "top5", "mean_rank", "map@10")
 

@@ -140,7 +140,7 @@ def brute_force(db, space, query_id: int, k: int) -> list[int]:
 
 def test_a_space_is_searched_from_its_own_index_folder_that_follows_every_writer(db):
     from lookalike.index import _caught_up_in_memory, _open_files, generation, index_dir, model_dir, open_index
-    from lookalike.spaces import load_space
+    from lookalike.projection import load_space
     labels, vectors = clusters(40, 2, 16, separation=1.0, seed=11)
     add_collection(db, labels, vectors)
     split_images(db)

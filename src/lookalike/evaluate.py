@@ -46,7 +46,8 @@ from .config import DEFAULT_BACKBONE
 from .db import (Database, embeddings, evaluation_pairs, evaluation_results, evaluations, images,
                  latest_classifier_scores, latest_feature_model, now, recorded_run, splits, vector_from_bytes)
 from .errors import BadInput, Precondition
-from .spaces import fitted_spaces, record_default
+from .projection import fitted_spaces
+from .spaces import record_default
 from .steps import default
 
 TOP_K = (1, 2, 4, 5, 8, 10, 15, 20, 28, 32)

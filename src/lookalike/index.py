@@ -1,7 +1,7 @@
 """The persistent vector index: one folder per feature model, and one per fitted space, beside the image store.
 
 The database stays the source of truth; a folder is a cache of its embeddings (or of
-their projections into a fitted similarity space, :mod:`lookalike.spaces`) that every
+their projections into a fitted similarity space, :mod:`lookalike.projection`) that every
 searcher (CLI, web app, PL/Python backend) opens instead of loading vectors:
 
 - ``vectors.<epoch>.f32`` — the unit vectors, float32 rows, memory-mapped read-only.
@@ -51,7 +51,7 @@ from .config import DEFAULT_BACKBONE
 from .db import Database, embeddings, feature_models, settings
 from .db.schema import embedding_changes, embedding_generations
 from .errors import BadInput, LookalikeError, Precondition
-from .spaces import Space, fitted_spaces
+from .projection import Space, fitted_spaces
 from .steps import INDEX_KIND
 from .vectors import (IVF_THRESHOLD, KINDS, _top_k, default_nlist, default_nprobe, faiss, ivf_sample,
                       recall_at_k, train_ivf)

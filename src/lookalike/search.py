@@ -28,7 +28,8 @@ from .db import (Database, images, latest_classifier_scores, latest_feature_mode
                  non_keepers, now, query_images, ranking_results, recorded_run, scores, vector_from_bytes)
 from .errors import BadInput, NotFound, Precondition
 from .index import IndexUnavailable, generation, open_index
-from .spaces import BUILT_IN, FITTED, Space, fitted_id, load_space, resolve_space
+from .projection import FITTED, Space, fitted_id, load_space
+from .spaces import BUILT_IN, resolve_space
 from .steps import check, default
 from .store import sha256_hex
 from .vectors import build_index

@@ -18,17 +18,16 @@ A new image is projected with the stored parameters, never by refitting.
   alone ties whole labels). LDA's own coordinates instead of its probabilities
   kept the label but put other images of it before a planted copy.
 
-A part is ``(x - mean) @ matrix`` (``linear``) or ``softmax(x @ matrix + bias)``
-(``softmax``), scaled to unit length and weighted; the joined vector is unit
-length again, so cosine distance applies in every space. The evaluate step measures every space on the test split and
-records the best (:func:`record_default`); ``similar``, ``rank``, the web app
-and the PL/Python routines ask :func:`resolve_space` for ``auto``.
+A fitted space's parameters and projection are :mod:`lookalike.projection`; each space
+is searched through its own index folder (:mod:`lookalike.index`), which fit builds. The
+evaluate step measures every space on the test split and records the best
+(:func:`record_default`); ``similar``, ``rank``, the web app and the PL/Python routines
+ask :func:`resolve_space` for ``auto``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import sys
 import time
@@ -42,9 +41,10 @@ from .config import DEFAULT_BACKBONE
 from .db import (Database, embeddings, images, latest_feature_model, load_embeddings, now, recorded_run, settings,
                  similarity_spaces, space_vectors, splits, vector_bytes, vector_from_bytes)
 from .errors import BadInput, Precondition
+from .index import refresh_index
+from .projection import FITTED, Part, Space, pack_parts, unpack_parts, fitted_id, fitted_spaces
 from .steps import default
 
-FITTED = ("pca", "learned")             # spaces the fit step makes
 BUILT_IN = ("embeddings", "scores")      # spaces with nothing to fit: the raw vectors, the classifier's scores
 AUTO = "auto"
 PCA_DIM = 256
@@ -57,68 +57,6 @@ DEFAULT_KEY = "default_space"            # settings row: the space evaluate foun
 # When two spaces measure the same, the one that orders results best: the learned space keeps look within
 # a label, the scores space ties whole labels.
 PREFERENCE = ("learned", "pca", "embeddings", "scores")
-
-
-@dataclass(frozen=True)
-class Part:
-    """One block of a space's vector: ``linear`` (x - offset) @ matrix, or ``softmax`` of x @ matrix + offset."""
-
-    kind: str
-    offset: np.ndarray
-    matrix: np.ndarray
-    weight: float
-
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        if self.kind == "linear":
-            return _unit((x - self.offset) @ self.matrix)
-        logits = x @ self.matrix + self.offset
-        if logits.shape[1] == 1:   # two classes: one logit, as scikit-learn's binary LDA gives it
-            logits = np.hstack([np.zeros_like(logits), logits])
-        logits -= logits.max(axis=1, keepdims=True)
-        odds = np.exp(logits)
-        return _unit(odds / odds.sum(axis=1, keepdims=True))
-
-
-@dataclass(frozen=True)
-class Space:
-    """A fitted space: its row id, the parts its vectors are made of, and their stored checksum."""
-
-    id: int
-    name: str
-    feature_model_id: int
-    parts: tuple[Part, ...]
-    checksum: str
-
-    @property
-    def dim(self) -> int:
-        """The length of this space's vectors."""
-        return sum(2 if part.kind == "softmax" and part.matrix.shape[1] == 1 else part.matrix.shape[1]
-                   for part in self.parts)
-
-    def project(self, vectors: np.ndarray) -> np.ndarray:
-        """Embeddings (n, d) to this space's unit vectors (n, k), float32."""
-        x = np.asarray(vectors, dtype=np.float64).reshape(-1, self.parts[0].matrix.shape[0])
-        return _unit(np.hstack([part.weight * part.apply(x) for part in self.parts])).astype(np.float32)
-
-
-def _unit(matrix: np.ndarray) -> np.ndarray:
-    return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
-
-
-def _pack(parts: tuple[Part, ...]) -> bytes:
-    buffer = io.BytesIO()
-    arrays = {}
-    for i, part in enumerate(parts):
-        arrays.update({f"kind{i}": np.array(part.kind), f"offset{i}": part.offset, f"matrix{i}": part.matrix,
-                       f"weight{i}": np.float64(part.weight)})
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
-
-
-def _unpack(data: bytes) -> tuple[Part, ...]:
-    with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
-        return tuple(Part(str(arrays[f"kind{i}"]), arrays[f"offset{i}"], arrays[f"matrix{i}"],
-                          float(arrays[f"weight{i}"])) for i in range(len(arrays.files) // 4))
 
 
 # ---------------------------------------------------------------- fitting
@@ -188,7 +126,6 @@ def fit_spaces(db: Database, *, backbone: str = DEFAULT_BACKBONE, seed: int = de
         for name, parts in fitted.items():
             space = _store_space(db, name, model_id, parts, {**summary.fitted[name], "seed": seed})
             summary.projected += project_missing(db, space, progress=progress)
-        from .index import refresh_index   # lazy: index imports this module
         # Now, not on the first search: the new spaces' index folders (and the old ones removed).
         summary.indexes = [line for status in refresh_index(db, backbone=backbone).spaces for line in status.lines()]
         summary.seconds = time.monotonic() - started
@@ -214,7 +151,7 @@ def _fit_lda(X: np.ndarray, labels: np.ndarray) -> Part:
 
 
 def _store_space(db: Database, name: str, model_id: int, parts, fitted_on: dict) -> Space:
-    params = _pack(parts)
+    params = pack_parts(parts)
     with db.begin() as conn:
         conn.execute(sa.delete(similarity_spaces).where(similarity_spaces.c.name == name,
                                                         similarity_spaces.c.feature_model_id == model_id))
@@ -222,7 +159,7 @@ def _store_space(db: Database, name: str, model_id: int, parts, fitted_on: dict)
             name=name, feature_model_id=model_id, params=params, checksum=hashlib.sha256(params).hexdigest(),
             fitted_on=json.dumps(fitted_on, sort_keys=True), created_at=now()).returning(similarity_spaces.c.id)
         ).scalar_one()
-    return Space(space_id, name, model_id, _unpack(params), hashlib.sha256(params).hexdigest())
+    return Space(space_id, name, model_id, unpack_parts(params), hashlib.sha256(params).hexdigest())
 
 
 def project_missing(db: Database, space: Space, *, progress: bool = False) -> int:
@@ -261,30 +198,6 @@ def project_fitted(db: Database, feature_model_id: int) -> int:
     with db.engine.connect() as conn:
         spaces = fitted_spaces(conn, feature_model_id)
     return sum(project_missing(db, space) for space in spaces)
-
-
-# ---------------------------------------------------------------- reading spaces
-
-def fitted_id(conn, name: str, feature_model_id: int) -> int | None:
-    """The row id of the fitted space ``name`` (a refit makes a new one), without reading its parameters."""
-    return conn.execute(sa.select(sa.func.max(similarity_spaces.c.id)).where(
-        similarity_spaces.c.name == name, similarity_spaces.c.feature_model_id == feature_model_id)).scalar()
-
-
-def load_space(conn, name: str, feature_model_id: int) -> Space | None:
-    """The fitted space ``name`` on this feature model, its checksum verified; None when not fitted."""
-    row = conn.execute(sa.select(similarity_spaces).where(
-        similarity_spaces.c.name == name, similarity_spaces.c.feature_model_id == feature_model_id)
-        .order_by(similarity_spaces.c.id.desc())).first()
-    if row is None:
-        return None
-    if hashlib.sha256(row.params).hexdigest() != row.checksum:
-        raise Precondition(f"the stored {name} space's parameters fail their checksum: run `lookalike fit` again")
-    return Space(row.id, name, feature_model_id, _unpack(row.params), row.checksum)
-
-
-def fitted_spaces(conn, feature_model_id: int) -> list[Space]:
-    return [space for name in FITTED if (space := load_space(conn, name, feature_model_id)) is not None]
 
 
 def record_default(conn, feature_model_id: int, table: dict[str, dict[str, float]], evaluation_id: int) -> str:
