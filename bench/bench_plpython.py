@@ -21,9 +21,11 @@ sessions against one, as PSS (proportional set size: a page shared by k processe
 it. The fallback (a server that cannot read the index: each backend indexes every vector
 itself, today's path before the index) is measured in the same run, one session.
 Goals (issue 11) at 100,000: fresh session <= 0.5 s; 8 sessions add <= 0.5 GB over one.
+``--space`` fits the pca space first (`lookalike fit`, which builds its index folder), so
+``similar_images`` answers there, as it does by default after a run.
 
     python bench/bench_plpython.py [--quick]
-    python bench/bench_plpython.py --vectors 100000
+    python bench/bench_plpython.py --vectors 100000 [--space]
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="8 images per label, fewer repetitions")
     parser.add_argument("--vectors", type=int, help="measure the vector index on this many synthetic embeddings")
+    parser.add_argument("--space", action="store_true", help="with --vectors: search in a fitted pca space")
     args = parser.parse_args()
     per_label, calls, fresh = (8, 20, 3) if args.quick else (30, 100, 5)
 
@@ -85,7 +88,7 @@ def main() -> None:
         os.chown(store, user.pw_uid, user.pw_gid)
         with PostgresCluster() as cluster:
             if args.vectors:
-                bench_index(cluster, root, store, args.vectors)
+                bench_index(cluster, root, store, args.vectors, args.space)
             else:
                 bench(cluster, root, samples, store, calls, fresh)
     finally:
@@ -167,17 +170,23 @@ def write_vectors(conninfo: str, url: str, n: int) -> list[int]:
     return list(range(1, n + 1))
 
 
-def bench_index(cluster: PostgresCluster, root: Path, store: Path, n: int) -> None:
+def bench_index(cluster: PostgresCluster, root: Path, store: Path, n: int, space: bool = False) -> None:
     from lookalike.index import index_dir, rebuild_index
     psql = [str(cluster.bin_dir / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h",
             str(cluster.socket_dir), "-p", str(cluster.port), "-U", "postgres", "-d", "lookalike_test"]
     install(cluster.url, root / "python", store_dir=store)
     wrote, ids = timed(lambda: write_vectors(cluster.conninfo(), cluster.url, n))
     with Database(cluster.url) as db:
-        built, status = timed(lambda: rebuild_index(db))
+        if space:
+            from lookalike.spaces import fit_spaces
+            built, fitted = timed(lambda: fit_spaces(db))
+            status = fitted.lines()[-1].strip()   # the pca space's index folder
+        else:
+            built, status = timed(lambda: rebuild_index(db))
+            status = status.lines()[0]
         folder = index_dir(db)
-    print(f"{n:,} embeddings written by COPY in {wrote:.0f} s; index built by OS user {pwd.getpwuid(os.geteuid())[0]} "
-          f"in {built:.1f} s:\n  {status.lines()[0]}")
+    print(f"{n:,} embeddings written by COPY in {wrote:.0f} s; {'pca space fitted and its ' if space else ''}"
+          f"index built by OS user {pwd.getpwuid(os.geteuid())[0]} in {built:.1f} s:\n  {status}")
     picks = [ids[(i * 7919) % n] for i in range(8)]
     search = "SELECT count(*) FROM lookalike.similar_images({}::bigint, 10)"
     timed(lambda: run(psql + ["-c", search.format(picks[0])]))   # the server's first imports: page cache warm
@@ -209,7 +218,7 @@ def bench_index(cluster: PostgresCluster, root: Path, store: Path, n: int) -> No
     one, eight = sessions(1), sessions(8)
     total = {key: sum(m[key] for m in eight) for key in one[0]}
     p50 = statistics.median
-    print(f"\nsimilar_images by id, k=10, over {n:,} vectors through the index:")
+    print(f"\nsimilar_images by id, k=10, over {n:,} vectors through the index ({'pca space' if space else 'embeddings'}):")
     print(f"  fresh psql session, p50 of 5      {p50(fresh):6.2f} s   (goal <= 0.5 s; `SELECT 1` alone: "
           f"{p50(baseline):.2f} s; the backend's imports alone: {imported} s)")
     print(f"  one session:   PSS {one[0]['Pss']:7.0f} MB, of it private heap {one[0]['Pss_Anon']:5.0f} MB, "
