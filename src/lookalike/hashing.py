@@ -25,7 +25,7 @@ from .phash import (DRAFT_HASHER_VERSION, DRAFT_SIZE, HASHER_VERSION, KINDS, che
                     is_low_detail)
 
 # KINDS: the choices of the step's hash-kind parameters; the hasher versions: what rows record.
-__all__ = ["KINDS", "HASHER_VERSION", "DRAFT_HASHER_VERSION", "HashSummary", "hash_images", "hash_one", "hash_records",
+__all__ = ["KINDS", "HASHER_VERSION", "DRAFT_HASHER_VERSION", "HashSummary", "hash_images", "hash_one", "hash_records", "hashed_count",
            "unhashed", "write_hashes"]
 
 COMMIT_EVERY = 200   # images per transaction: an interrupted run keeps what it finished
@@ -69,6 +69,10 @@ def unhashed() -> sa.Select:
             .order_by(images.c.id))
 
 
+def hashed_count(conn) -> int:
+    return conn.execute(sa.select(sa.func.count()).select_from(hashed_images)).scalar()
+
+
 def hash_records(image_id, hashes, hasher) -> list[dict]:
     """The ``image_hashes`` rows of one image's hashes."""
     return [dict(image_id=image_id, kind=h.kind, size=h.size, hex=h.hex, value=h.to_signed64(), bits=h.bits,
@@ -103,7 +107,7 @@ def hash_images(db: Database, *, imagehash_sizes: Iterable[int] = (8,), draft: b
     with recorded_run(db, "hash", params) as counts:
         with db.engine.connect() as conn:
             todo = conn.execute(unhashed()).all()
-            summary.already = conn.execute(sa.select(sa.func.count()).select_from(hashed_images)).scalar()
+            summary.already = hashed_count(conn)
         started = time.monotonic()
         hash_rows: list[dict] = []
         done_rows: list[dict] = []

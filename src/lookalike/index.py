@@ -824,9 +824,18 @@ def _latest_model(db: Database, backbone: str) -> tuple[int, list[Space]]:
         return model_id, fitted_spaces(conn, model_id)
 
 
-def _with_spaces(status, spaces: list[Space]) -> IndexStatus:
-    """``status(space)`` of the embeddings' index, the spaces' statuses inside it."""
-    return replace(status(None), spaces=tuple(status(space) for space in spaces))
+def _with_spaces(status, db: Database, model_id: int, spaces: list[Space]) -> IndexStatus:
+    """``status(folder, name, space)`` of the embeddings' index, the spaces' statuses inside it."""
+    def of(space: Space | None) -> IndexStatus:
+        return status(model_dir(db, model_id, space=space), space.name if space else "embeddings", space)
+    return replace(of(None), spaces=tuple(of(space) for space in spaces))
+
+
+def _opened_status(folder: Path, backbone: str, name: str, opened: MappedIndex, database_generation: int,
+                   recall: float | None) -> IndexStatus:
+    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    return IndexStatus(str(folder), backbone, opened.kind, len(opened), opened.header.rows, size,
+                       opened.generation, database_generation, recall, name)
 
 
 def index_status(db: Database, *, backbone: str = DEFAULT_BACKBONE) -> IndexStatus:
@@ -836,16 +845,13 @@ def index_status(db: Database, *, backbone: str = DEFAULT_BACKBONE) -> IndexStat
     with db.engine.connect() as conn:
         current, _pruned = generation(conn, model_id)
 
-    def status(space: Space | None) -> IndexStatus:
-        folder, name = model_dir(db, model_id, space=space), space.name if space else "embeddings"
+    def status(folder: Path, name: str, _space: Space | None) -> IndexStatus:
         opened = _open_files(folder)
         if opened is None:
             return IndexStatus(str(folder), backbone, "none (built on the first search)", 0, 0, 0, -1, current,
                                None, name)
-        size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-        return IndexStatus(str(folder), backbone, opened.kind, len(opened), opened.header.rows, size,
-                           opened.generation, current, opened.recall(), name)
-    return _with_spaces(status, spaces)
+        return _opened_status(folder, backbone, name, opened, current, opened.recall())
+    return _with_spaces(status, db, model_id, spaces)
 
 
 def refresh_index(db: Database, *, backbone: str = DEFAULT_BACKBONE, index: str = INDEX_KIND.default) -> IndexStatus:
@@ -855,8 +861,7 @@ def refresh_index(db: Database, *, backbone: str = DEFAULT_BACKBONE, index: str 
     model_id, spaces = _latest_model(db, backbone)
     _remove_refitted(db, model_id, spaces)
 
-    def status(space: Space | None) -> IndexStatus:
-        folder, name = model_dir(db, model_id, space=space), space.name if space else "embeddings"
+    def status(folder: Path, name: str, space: Space | None) -> IndexStatus:
         try:
             opened = open_index(db, model_id, index, space=space)
         except IndexUnavailable as exc:   # not worth failing a run for: each search indexes in memory instead
@@ -865,10 +870,8 @@ def refresh_index(db: Database, *, backbone: str = DEFAULT_BACKBONE, index: str 
         if opened.extra is not None:
             return IndexStatus(str(folder), backbone, "read-only here: each search applies the changes since in "
                                "memory", 0, 0, 0, -1, -1, None, name)
-        size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-        return IndexStatus(str(folder), backbone, opened.kind, len(opened), opened.header.rows, size,
-                           opened.generation, opened.generation, None, name)
-    return _with_spaces(status, spaces)
+        return _opened_status(folder, backbone, name, opened, opened.generation, None)
+    return _with_spaces(status, db, model_id, spaces)
 
 
 def _remove_refitted(db: Database, model_id: int, spaces: list[Space]) -> None:

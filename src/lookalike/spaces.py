@@ -157,14 +157,15 @@ def _fit_lda(X: np.ndarray, labels: np.ndarray) -> Part:
 
 def _store_space(db: Database, name: str, model_id: int, parts, fitted_on: dict) -> Space:
     params = pack_parts(parts)
+    checksum = hashlib.sha256(params).hexdigest()
     with db.begin() as conn:
         conn.execute(sa.delete(similarity_spaces).where(similarity_spaces.c.name == name,
                                                         similarity_spaces.c.feature_model_id == model_id))
         space_id = conn.execute(sa.insert(similarity_spaces).values(
-            name=name, feature_model_id=model_id, params=params, checksum=hashlib.sha256(params).hexdigest(),
+            name=name, feature_model_id=model_id, params=params, checksum=checksum,
             fitted_on=json.dumps(fitted_on, sort_keys=True), created_at=now()).returning(similarity_spaces.c.id)
         ).scalar_one()
-    return Space(space_id, name, model_id, unpack_parts(params), hashlib.sha256(params).hexdigest())
+    return Space(space_id, name, model_id, unpack_parts(params), checksum)
 
 
 def project_missing(db: Database, space: Space, *, progress: bool = False) -> int:

@@ -8,10 +8,9 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-import sqlalchemy as sa
-
-from ..db import Database, hashed_images, recorded_run
-from ..hashing import DRAFT_HASHER_VERSION, HASHER_VERSION, HashSummary, hash_one, hash_records, unhashed
+from ..db import Database, recorded_run
+from ..hashing import (DRAFT_HASHER_VERSION, HASHER_VERSION, HashSummary, hash_one, hash_records, hashed_count,
+                       unhashed)
 from ..phash import DRAFT_SIZE, check_sizes
 from ..steps import SPARK_MASTER
 from .io import (SparkSummary, fail_once, job_session, output_dir, sources, store_output, todo_frame, with_files,
@@ -61,7 +60,7 @@ def spark_hash(db: Database, *, master: str = SPARK_MASTER.default, out: Path | 
     started = time.monotonic()
     with recorded_run(db, "spark-hash", params) as counts, job_session(master, session) as spark:
         with db.engine.connect() as conn:
-            summary.already = conn.execute(sa.select(sa.func.count()).select_from(hashed_images)).scalar()
+            summary.already = hashed_count(conn)
         todo = with_files(spark, todo_frame(spark, db, unhashed()), source)
         frame = todo.mapInArrow(_hasher(str(db.store.root), dsizes, isizes, draft, hasher), SCHEMA)
         write_output(frame, folder, {"job": "hash", "hasher": hasher})
