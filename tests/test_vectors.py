@@ -142,7 +142,7 @@ def test_filtered_search_returns_k_allowed_rows(clustered, ivf, share):
 def test_ivf_keeps_k_rows_when_exclusions_eat_the_shortlist(clustered, ivf):
     ids, _, queries = clustered
     nearest, _ = ivf.exact.search(queries[:50], 110)
-    exclude = [row[:100] for row in nearest]  # wider than the shortlist of 64
+    exclude = [row[:100] for row in nearest]  # most of the shortlist (SHORTLIST = 128)
     found, _ = ivf.search(queries[:50], 10, exclude=exclude)
     assert found.shape == (50, 10) and not any(np.isin(f, e).any() for f, e in zip(found, exclude))
     # The 101st..110th neighbours sit further out, in lists a probe reaches less often.

@@ -7,7 +7,7 @@ searcher (CLI, web app, PL/Python backend) opens instead of loading vectors:
 - ``vectors.<epoch>.f32`` — the unit vectors, float32 rows, memory-mapped read-only.
   Rows are only appended; a removed image's row is marked dead in the id map.
 - ``ids.<generation>.npy`` — the image id of each row (``-1``: dead).
-- ``ivf.<generation>.faiss`` — for a large collection, the faiss PCA→IVF→SQ8 structure
+- ``ivf.<generation>.faiss`` — for a large collection, the faiss PCA→IVF→PQ fast-scan structure
   over the first ``ivf_rows`` rows (faiss ids are row numbers); rows appended since are
   searched exactly until there are ``TAIL_ROWS`` of them, then folded in.
 - ``header.json`` — what the files hold: the generation of the database it reflects,
@@ -53,7 +53,7 @@ from .db.schema import embedding_changes, embedding_generations
 from .errors import BadInput, LookalikeError, Precondition
 from .projection import Space, fitted_spaces
 from .steps import INDEX_KIND
-from .vectors import (IVF_THRESHOLD, KINDS, _top_k, default_nlist, default_nprobe, faiss, ivf_sample,
+from .vectors import (IVF_THRESHOLD, KINDS, SHORTLIST, _top_k, default_nlist, default_nprobe, faiss, ivf_sample,
                       recall_at_k, train_ivf)
 
 FORMAT, FORMAT_VERSION = "lookalike-index", 1
@@ -62,7 +62,6 @@ BLOCK_ROWS = 1 << 16       # rows scored or encoded at a time: bounded temporary
 TAIL_ROWS = 4096           # rows appended after the IVF structure that are searched exactly (kept in memory)
 COMPACT_SHARE = 0.25       # rewrite the matrix when this share of its rows is dead
 PRUNE_CHANGES = 50_000     # delete change-log rows once the index is this many generations past the last prune
-SHORTLIST = 64             # IVF candidates re-ranked exactly
 LOCK_WAIT_S = 1800.0       # a writer waits at most this long for another's build
 SAMPLED_ROWS = 16          # rows whose bytes the header checksums
 
@@ -365,7 +364,8 @@ class MappedIndex:
         if isinstance(self.ivf, faiss.IndexPreTransform):
             params = faiss.SearchParametersPreTransform(index_params=ivf_params)
         dead = h.rows - h.live
-        shortlist = min(h.ivf_rows, max(SHORTLIST, width) + min(len(excluded), SHORTLIST) + min(dead, SHORTLIST))
+        # Excluded and dead rows take shortlist places; the 4-bit codes order the deeper ones loosely.
+        shortlist = min(h.ivf_rows, max(SHORTLIST, width) + 2 * min(len(excluded) + dead, SHORTLIST))
         # One query gains nothing from OpenMP threads, and on a busy machine their barriers cost
         # milliseconds (measured 2 ms against 11 ms p50). The setting is this thread's own.
         threads = faiss.omp_get_max_threads()
@@ -431,7 +431,7 @@ def open_index(db: Database, model_id: int, kind: str = "auto", *, private: bool
             or opened.header.database != db.setting("database_id"):
         try:
             with _locked(folder):
-                opened = update(db, model_id, folder, kind, space=space)
+                opened = update(db, model_id, folder, kind, space=space, known=opened)
         except IndexUnavailable as exc:
             # Readable but not writable here (a PL/Python backend, another OS user): the changes since, in memory.
             if not _catchable(db, model_id, opened, space):
@@ -459,12 +459,19 @@ def _wanted_ivf(index: MappedIndex, kind: str) -> bool:
 
 
 def update(db: Database, model_id: int, folder: Path, kind: str = "auto", *, rebuild: bool = False,
-           add=None, space: Space | None = None) -> MappedIndex:
+           add=None, space: Space | None = None, known: MappedIndex | None = None) -> MappedIndex:
     """Bring the files in ``folder`` up to the database (the caller holds the lock): catch up, or build.
-    ``add``: how rows go into the IVF structure (see :func:`_fold_ivf`); ``space``: project the rows into it."""
+    ``add``: how rows go into the IVF structure (see :func:`_fold_ivf`); ``space``: project the rows into it;
+    ``known``: the folder as opened before the lock was taken, used again if no writer changed it since
+    (opening reads the IVF structure and checks the id map: a tenth of a second at a million rows)."""
     weights, dim = _model(db, model_id)
     database = _database_id(db)
-    opened = None if rebuild else _open_files(folder)
+    if rebuild:
+        opened = None
+    elif known is not None and known.folder == folder and _read_header(folder) == known.header:
+        opened = known
+    else:
+        opened = _open_files(folder)
     if opened is not None and not _same_source(opened.header, database, weights, space):
         opened = None
     with db.engine.connect() as conn:
@@ -532,9 +539,9 @@ def _open_checked(folder: Path, h: Header) -> MappedIndex | None:
         ivf_path = folder / f"ivf.{h.ivf_epoch}.faiss"
         if ivf_path.stat().st_size != h.ivf_bytes or _ivf_digest(ivf_path) != h.ivf_sha256:
             return None
-        # Read into this process: about (256 + 8) bytes a vector, private to each searcher (the matrix is
-        # what they share). IO_FLAG_MMAP would share the lists' pages but searched 1.8x slower here
-        # (11.1 against 6.2 ms p50), and IO_FLAG_MMAP_IFC maps flat-code indexes only: on IVF it copied.
+        # Read into this process: about 52 bytes a vector (4-bit codes and an id), private to each
+        # searcher (the matrix is what they share). IO_FLAG_MMAP shared the lists' pages of the older 8-bit
+        # codes but searched 1.8x slower (11.1 against 6.2 ms p50); IO_FLAG_MMAP_IFC maps flat codes only.
         ivf = faiss.read_index(str(ivf_path))
     return MappedIndex(folder, h, ids, matrix, ivf)
 
@@ -732,9 +739,8 @@ def _fold_ivf(index: MappedIndex, add=None):
         ivf = faiss.read_index(str(index.folder / f"ivf.{h.ivf_epoch}.faiss"))   # a copy that can change
         start, nprobe = h.ivf_rows, h.nprobe
     (add or _add_rows)(ivf, index.folder / f"vectors.{h.epoch}.f32", h, start)
-    dead = np.flatnonzero(index.row_ids < 0)
-    if len(dead):
-        ivf.remove_ids(faiss.IDSelectorBatch(dead))
+    # Dead rows keep their codes (fast-scan lists cannot drop any): the re-rank skips them, the
+    # shortlist is widened for them, and compaction rebuilds the structure without them.
     return ivf, h.rows, nprobe
 
 

@@ -10,8 +10,8 @@ Two kinds share the :class:`VectorIndex` protocol:
 
 * :class:`ExactIndex` (``kind="exact"``) — a NumPy matrix product against every
   stored vector; the default, and the reference the other kind is measured against.
-* :class:`IVFIndex` (``kind="ivf"``) — faiss PCA + inverted file + 8-bit scalar
-  quantised codes. It proposes a shortlist that is re-ranked against the
+* :class:`IVFIndex` (``kind="ivf"``) — faiss PCA + inverted file + 4-bit product
+  quantised codes scanned with SIMD ("fast scan"). It proposes a shortlist that is re-ranked against the
   full-precision vectors, so the distances it reports are exact and only recall
   is approximate (see :func:`recall_at_k`).
 
@@ -331,6 +331,11 @@ class ExactIndex:
         return ids, dists
 
 
+# IVF candidates re-ranked exactly. The 4-bit codes order candidates loosely; 128 of them keep
+# recall@10 at what the coarse probe allows (0.966 at 1M, nprobe 128: the same as 256 of them).
+SHORTLIST = 128
+
+
 def default_nlist(n: int) -> int:
     """Inverted lists for n vectors: the power of two nearest 4·sqrt(n), at most n / 39.
 
@@ -353,12 +358,22 @@ def ivf_sample(n: int, nlist: int, train_size: int | None = None, seed: int = 0)
 
 def train_ivf(sample: np.ndarray, n: int, *, nlist: int | None = None, pca_dim: int = 256,
               seed: int = 0) -> faiss.Index:
-    """An empty, trained faiss ``PCA → IVF → SQ8`` index for ``n`` cosine vectors, trained on unit ``sample`` rows."""
+    """An empty, trained faiss ``PCA → IVF → PQ fast-scan`` index for ``n`` cosine vectors, trained on unit
+    ``sample`` rows.
+
+    The codes are 4 bits per pair of (PCA-reduced) dimensions, scanned with SIMD: at a million
+    1280-d vectors a probe of 128 lists takes about 2 ms against 4.4 ms for 8-bit scalar codes,
+    and the structure is 52 MiB against 263 MiB (read faster, held privately by every searcher).
+    The codes only order the shortlist, which is re-ranked exactly; recall is the coarse probe's.
+    A dimension that is not a multiple of 8 (fast scan packs sub-quantisers in pairs) keeps SQ8.
+    """
     if n < 1000:
         raise BadInput(f"an IVF index needs at least 1000 vectors to train, got {n}")
     dim = sample.shape[1]
     nlist = nlist or default_nlist(n)
-    recipe = f"IVF{nlist},SQ8" if pca_dim >= dim else f"PCA{pca_dim},IVF{nlist},SQ8"
+    coded = min(pca_dim, dim)
+    codes = f"PQ{coded // 4}x4fs" if coded % 8 == 0 else "SQ8"
+    recipe = f"IVF{nlist},{codes}" if pca_dim >= dim else f"PCA{pca_dim},IVF{nlist},{codes}"
     index = faiss.index_factory(dim, recipe, faiss.METRIC_L2)
     ivf = faiss.extract_index_ivf(index)
     ivf.cp.seed = seed
@@ -368,10 +383,10 @@ def train_ivf(sample: np.ndarray, n: int, *, nlist: int | None = None, pca_dim: 
 
 
 class IVFIndex:
-    """Approximate search: faiss ``PCA → IVF → SQ8`` shortlist, re-ranked exactly.
+    """Approximate search: faiss ``PCA → IVF → PQ fast-scan`` shortlist, re-ranked exactly.
 
     The full-precision vectors are kept in an :class:`ExactIndex`; faiss holds
-    only PCA-reduced 8-bit codes under the image ids. A query probes ``nprobe``
+    only PCA-reduced 4-bit codes under the image ids (:func:`train_ivf`). A query probes ``nprobe``
     inverted lists, takes the ``shortlist`` nearest by approximate L2 (L2 ranks
     unit vectors like cosine, and survives PCA's centring where inner product
     would not), and re-ranks those by exact cosine distance. Cosine only.
@@ -406,7 +421,7 @@ class IVFIndex:
 
     @classmethod
     def from_exact(cls, exact: ExactIndex, *, nlist: int | None = None, pca_dim: int = 256,
-                   nprobe: int | None = None, shortlist: int = 64, train_size: int | None = None,
+                   nprobe: int | None = None, shortlist: int = SHORTLIST, train_size: int | None = None,
                    seed: int = 0) -> IVFIndex:
         """Train on a sample of a cosine :class:`ExactIndex` and index all of it.
 
@@ -463,7 +478,10 @@ class IVFIndex:
         """Remove ids (all must be present) from the codes and the full vectors."""
         ids = _as_ids(ids)
         self._exact.remove(ids)
-        self._faiss.remove_ids(faiss.IDSelectorBatch(ids))
+        if self._faiss.remove_ids(faiss.IDSelectorBatch(ids)) < len(ids):
+            # Fast-scan lists cannot drop codes (faiss removes none): encode what is left anew, O(n).
+            self._faiss.reset()
+            self._add_to_faiss(0, len(self._exact))
 
     def search(self, queries: np.ndarray, k: int, *, exclude: Exclude = None,
                allowed: Allowed = None) -> tuple[np.ndarray, np.ndarray]:
@@ -490,7 +508,8 @@ class IVFIndex:
         if isinstance(self._faiss, faiss.IndexPreTransform):
             params = faiss.SearchParametersPreTransform(index_params=ivf_params)
         extra = 0 if excluded is None else max(map(len, excluded), default=0)
-        shortlist = min(n_cand, max(self.shortlist, k) + extra)
+        # Excluded ids take shortlist places; the 4-bit codes order the deeper ones loosely: twice as many.
+        shortlist = min(n_cand, max(self.shortlist, k) + 2 * extra)
         _, labels = self._faiss.search(queries, shortlist, params=params)
 
         ids = np.empty((len(queries), width), dtype=np.int64)
