@@ -67,6 +67,8 @@ class Backbone:
     info: BackboneInfo
     draft: tuple[int, int] | None = None  # JPEG may decode at a reduced scale no smaller than this
     chunk: int | None = None  # most images one embed_sources worker takes at a time (None: its batch_size)
+    workers: int = 2  # embed_sources threads
+    infer_in_workers: bool = True  # each thread runs the model on what it decoded (else the caller's thread)
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """One decoded RGB image as the array the model takes (thread-safe)."""
@@ -150,6 +152,11 @@ class EfficientNetLite0(Backbone):
         # Small units on CPU: workers share the images evenly (a large photo decodes for 0.1-0.5 s),
         # and neither engine runs faster per image on larger batches there.
         self.chunk = CPU_CHUNK if self.device.type == "cpu" else None
+        if self.device.type != "cpu":
+            # On a GPU the CPU only decodes, one thread per core, and one thread feeds the GPU. On an H200
+            # with 16 cores (bench/check_cuda.py, 3,300 images): 288 images/s, against 225-235 for two
+            # threads that decode and infer, and 88 for sixteen such threads (each with its own CUDA state).
+            self.workers, self.infer_in_workers = max(2, os.cpu_count() or 2), False
 
     def _onnx_engine(self) -> bool:
         if self.device.type != "cpu" or os.environ.get(ENGINE_ENV, "onnx") == "torch":
@@ -384,19 +391,23 @@ def load_backbone(name: str = DEFAULT_BACKBONE, device: str = "cpu") -> Backbone
 
 
 def embed_sources(backbone: Backbone, items: Iterable[tuple[K, Source]], *, batch_size: int = 32,
-                  workers: int = 2, progress: bool = False) -> Iterator[tuple[K, np.ndarray | None, str | None]]:
+                  workers: int | None = None, progress: bool = False
+                  ) -> Iterator[tuple[K, np.ndarray | None, str | None]]:
     """Embed ``(key, bytes or path)`` items; yields ``(key, vector, None)`` or ``(key, None, reason)``.
 
     Results come in input order; an undecodable image is reported with its
-    reason and the run goes on. Each of ``workers`` threads decodes a unit of
-    images (a batch, or the backbone's smaller :attr:`Backbone.chunk`) and runs
-    it through the model, so one thread's decoding overlaps another's
-    inference, and small units keep every thread busy to the end. While the
+    reason and the run goes on. Each of ``workers`` threads (default: the
+    backbone's) decodes a unit of images (a batch, or the backbone's smaller
+    :attr:`Backbone.chunk`) and runs it through the model, so one thread's
+    decoding overlaps another's inference, and small units keep every thread
+    busy to the end; a GPU backbone's units go through the model in the
+    caller's thread instead (:attr:`Backbone.infer_in_workers`). While the
     generator runs, torch gets ``1/workers`` of its threads per worker: OpenMP
     teams that outnumber the cores stall each other. ``items`` is read lazily,
     at most ``workers + 1`` batches ahead of what has been yielded, so memory
     stays flat however long the input is.
     """
+    workers = backbone.workers if workers is None else workers
     if batch_size < 1 or workers < 1:
         raise BadInput("batch_size and workers must be at least 1")
     unit = min(batch_size, backbone.chunk or batch_size)
@@ -405,35 +416,44 @@ def embed_sources(backbone: Backbone, items: Iterable[tuple[K, Source]], *, batc
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, torch_threads // workers))
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lookalike-embed")
+    task = _embed_batch if backbone.infer_in_workers else _decode_batch
+
+    def finished(future: Future) -> list:
+        results = future.result() if backbone.infer_in_workers else _embed_decoded(backbone, future.result())
+        bar.update(len(results))
+        return results
+
     pending: deque[Future] = deque()
     try:
         with tqdm(total=total, unit="img", desc=f"embed ({backbone.info.name})", disable=not progress) as bar:
             it = iter(items)
             while batch := list(islice(it, batch_size)):
-                pending.extend(pool.submit(_embed_batch, backbone, batch[i:i + unit])
-                               for i in range(0, len(batch), unit))
+                pending.extend(pool.submit(task, backbone, batch[i:i + unit]) for i in range(0, len(batch), unit))
                 while len(pending) > in_flight:  # one batch queued beyond the busy workers, none idle
-                    yield from _finished(pending.popleft(), bar)
+                    yield from finished(pending.popleft())
             while pending:
-                yield from _finished(pending.popleft(), bar)
+                yield from finished(pending.popleft())
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(torch_threads)
 
 
-def _embed_batch(backbone: Backbone, chunk: list[tuple[K, Source]]) -> list[tuple[K, np.ndarray | None, str | None]]:
+def _decode_batch(backbone: Backbone, chunk: list[tuple[K, Source]]) -> list[tuple[K, np.ndarray | None, str | None]]:
+    """(key, model-input array, None) or (key, None, why it could not be decoded), in order."""
     decoded = []
     for key, source in chunk:
         try:
             decoded.append((key, backbone.prepare(source), None))
         except ImageError as exc:
             decoded.append((key, None, exc.reason))
+    return decoded
+
+
+def _embed_decoded(backbone: Backbone, decoded: list) -> list[tuple[K, np.ndarray | None, str | None]]:
     arrays = [array for _, array, _ in decoded if array is not None]
     vectors = iter(backbone.embed_batch(np.stack(arrays)) if arrays else ())
     return [(key, None, reason) if array is None else (key, next(vectors), None) for key, array, reason in decoded]
 
 
-def _finished(future: Future, bar: tqdm) -> list:
-    results = future.result()
-    bar.update(len(results))
-    return results
+def _embed_batch(backbone: Backbone, chunk: list[tuple[K, Source]]) -> list[tuple[K, np.ndarray | None, str | None]]:
+    return _embed_decoded(backbone, _decode_batch(backbone, chunk))
