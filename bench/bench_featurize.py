@@ -26,7 +26,6 @@ Each figure is printed with the load average: the machine may be shared.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import re
 import tempfile

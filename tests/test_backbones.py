@@ -252,6 +252,35 @@ def test_embed_sources_shares_a_small_batch_among_its_workers():
     np.testing.assert_allclose(np.stack([vector for _, vector, _ in results]), expected, atol=1e-6)
 
 
+class GpuLikeHistogram(MeetingHistogram):
+    """Laid out as a GPU backbone is: workers only decode, the model runs in the caller's thread."""
+
+    infer_in_workers = False
+
+    def __init__(self, device: str):
+        super().__init__(device)
+        self.model_threads: set[str] = set()
+
+    def features(self, batch: np.ndarray) -> np.ndarray:
+        self.model_threads.add(threading.current_thread().name)
+        return super().features(batch)
+
+
+@pytest.mark.timeout(60)
+def test_a_gpu_backbone_decodes_on_the_workers_and_infers_in_the_callers_thread():
+    backbone = GpuLikeHistogram("cpu")
+    colours = [(250, 10, 10), (10, 250, 10), (10, 10, 250), (200, 200, 10), (10, 200, 200)]
+    items = [(n, jpeg(Image.new("RGB", (64, 48), colour))) for n, colour in enumerate(colours)]
+    items.insert(2, ("bad", b"\x89PNG\r\n\x1a\n broken"))
+    results = list(embed_sources(backbone, items, batch_size=32, workers=2))
+    assert [key for key, _, _ in results] == [0, 1, "bad", 2, 3, 4]
+    assert results[2][1] is None and results[2][2]
+    assert len(set(backbone.threads[:2])) == 2   # two decoding workers met
+    assert backbone.model_threads == {threading.current_thread().name}
+    expected = backbone.embed([open_image(source) for key, source in items if key != "bad"])
+    np.testing.assert_allclose(np.stack([v for _, v, _ in results if v is not None]), expected, atol=1e-6)
+
+
 def test_texture_backbone_sees_only_the_middle_without_colour():
     texture = load_backbone("efficientnet-lite0-texture")
     assert texture.info.name == "efficientnet-lite0-texture" and texture.info.dim == 1280

@@ -34,10 +34,12 @@ def hamming_hex(a: str, b: str) -> int:
     return hamming(a, b)
 
 
-def popcount_rows(xor: np.ndarray) -> np.ndarray:
+def popcount_rows(xor: np.ndarray, dtype=np.int64) -> np.ndarray:
     """Set bits per row of XORed hash words: uint64 (n,) for 64-bit hashes, (..., words) for longer ones."""
-    bits = np.bitwise_count(xor).astype(np.int64)
-    return bits if bits.ndim == 1 else bits.sum(axis=-1)
+    bits = np.bitwise_count(xor)
+    if bits.ndim > 1:
+        bits = bits[..., 0] if bits.shape[-1] == 1 else bits.sum(axis=-1, dtype=dtype)
+    return bits.astype(dtype, copy=False)
 
 
 def hamming_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

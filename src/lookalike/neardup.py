@@ -27,7 +27,7 @@ from math import comb
 import numpy as np
 
 from .errors import BadInput
-from .hamming import hamming_rows
+from .hamming import hamming_rows, popcount_rows
 
 _BLOCK = 1 << 20          # candidate pairs handled at once: bounds memory on adversarial input
 _MAX_TABLE_BITS = 22      # widest chunk that gets a dense lookup table (2**22 entries)
@@ -178,8 +178,7 @@ def _checked(chunk: _Chunk, radius: int, earlier: list, candidates) -> tuple[np.
     found = []
     for p, q in candidates():
         xor = chunk.sorted_words[p] ^ chunk.sorted_words[q]
-        bits = np.bitwise_count(xor)
-        dist = bits[:, 0] if bits.shape[1] == 1 else bits.sum(axis=1, dtype=np.int16)
+        dist = popcount_rows(xor, np.int16)
         near = np.flatnonzero(dist <= radius)   # few of the candidates: the rest is checked on these only
         close, first = xor[near], np.ones(near.size, dtype=bool)
         for word, shift, width, chunk_radius in earlier:  # a pair belongs to the first chunk that finds it
