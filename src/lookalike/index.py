@@ -54,7 +54,7 @@ from .errors import BadInput, LookalikeError, Precondition
 from .projection import Space, fitted_spaces
 from .steps import INDEX_KIND
 from .vectors import (IVF_THRESHOLD, KINDS, SHORTLIST, _top_k, default_nlist, default_nprobe, faiss, ivf_sample,
-                      recall_at_k, train_ivf)
+                      recall_at_k, train_ivf, widened_shortlist)
 
 FORMAT, FORMAT_VERSION = "lookalike-index", 1
 READ_ROWS = 8192           # embeddings read from the database per round trip
@@ -365,7 +365,8 @@ class MappedIndex:
             params = faiss.SearchParametersPreTransform(index_params=ivf_params)
         dead = h.rows - h.live
         # Excluded and dead rows take shortlist places; the 4-bit codes order the deeper ones loosely.
-        shortlist = min(h.ivf_rows, max(SHORTLIST, width) + 2 * min(len(excluded) + dead, SHORTLIST))
+        shortlist = min(h.ivf_rows, widened_shortlist(max(SHORTLIST, width), h.live / n_cand)
+                        + 2 * min(len(excluded) + dead, SHORTLIST))
         # One query gains nothing from OpenMP threads, and on a busy machine their barriers cost
         # milliseconds (measured 2 ms against 11 ms p50). The setting is this thread's own.
         threads = faiss.omp_get_max_threads()

@@ -334,6 +334,13 @@ class ExactIndex:
 # IVF candidates re-ranked exactly. The 4-bit codes order candidates loosely; 128 of them keep
 # recall@10 at what the coarse probe allows (0.966 at 1M, nprobe 128: the same as 256 of them).
 SHORTLIST = 128
+MAX_WIDENING = 4   # a filtered search re-ranks up to this many times more (see widened_shortlist)
+
+
+def widened_shortlist(shortlist: int, widening: float) -> int:
+    """Candidates to re-rank when a filter widened the probe ``widening`` times: a larger pool, which
+    the 4-bit codes order more loosely (10 % allowed at 200k: recall@10 0.87 with 128, 0.98 with 512)."""
+    return shortlist * min(MAX_WIDENING, max(1, math.ceil(widening)))
 
 
 def default_nlist(n: int) -> int:
@@ -509,7 +516,7 @@ class IVFIndex:
             params = faiss.SearchParametersPreTransform(index_params=ivf_params)
         extra = 0 if excluded is None else max(map(len, excluded), default=0)
         # Excluded ids take shortlist places; the 4-bit codes order the deeper ones loosely: twice as many.
-        shortlist = min(n_cand, max(self.shortlist, k) + 2 * extra)
+        shortlist = min(n_cand, widened_shortlist(max(self.shortlist, k), n / n_cand) + 2 * extra)
         _, labels = self._faiss.search(queries, shortlist, params=params)
 
         ids = np.empty((len(queries), width), dtype=np.int64)
