@@ -139,6 +139,16 @@ def test_filtered_search_returns_k_allowed_rows(clustered, ivf, share):
         assert recall_at_k(found, truth) >= 0.9
 
 
+def test_a_filtered_ivf_search_re_ranks_more_as_its_probe_widens(clustered, ivf):
+    # 10 % allowed: faiss probes 10x the lists, a pool the 4-bit codes order loosely. Re-ranking
+    # the plain shortlist gave recall 0.97 here (0.87 at 200k x 1280-d); the widened one 0.999.
+    ids, _, queries = clustered
+    allowed = ids[np.random.default_rng(1).random(len(ids)) < 0.1]
+    truth, _ = ivf.exact.search(queries, 10, allowed=allowed)
+    found, _ = ivf.search(queries, 10, allowed=allowed)
+    assert recall_at_k(found, truth) >= 0.99
+
+
 def test_ivf_keeps_k_rows_when_exclusions_eat_the_shortlist(clustered, ivf):
     ids, _, queries = clustered
     nearest, _ = ivf.exact.search(queries[:50], 110)
