@@ -239,12 +239,17 @@ class MeetingHistogram(ColourHistogram):
         return super().preprocess(image)
 
 
+def five_colours() -> list[tuple[int, bytes]]:
+    """(n, a small solid JPEG) for five distinct colours."""
+    colours = [(250, 10, 10), (10, 250, 10), (10, 10, 250), (200, 200, 10), (10, 200, 200)]
+    return [(n, jpeg(Image.new("RGB", (64, 48), colour))) for n, colour in enumerate(colours)]
+
+
 @pytest.mark.timeout(60)
 def test_embed_sources_shares_a_small_batch_among_its_workers():
     # Fewer images than one batch (a few large photographs) still decode on every worker, in input order.
     backbone = MeetingHistogram("cpu")
-    colours = [(250, 10, 10), (10, 250, 10), (10, 10, 250), (200, 200, 10), (10, 200, 200)]
-    items = [(n, jpeg(Image.new("RGB", (64, 48), colour))) for n, colour in enumerate(colours)]
+    items = five_colours()
     results = list(embed_sources(backbone, items, batch_size=32, workers=2))
     assert [key for key, _, _ in results] == list(range(5))
     assert len(set(backbone.threads[:2])) == 2
@@ -269,8 +274,7 @@ class GpuLikeHistogram(MeetingHistogram):
 @pytest.mark.timeout(60)
 def test_a_gpu_backbone_decodes_on_the_workers_and_infers_in_the_callers_thread():
     backbone = GpuLikeHistogram("cpu")
-    colours = [(250, 10, 10), (10, 250, 10), (10, 10, 250), (200, 200, 10), (10, 200, 200)]
-    items = [(n, jpeg(Image.new("RGB", (64, 48), colour))) for n, colour in enumerate(colours)]
+    items = five_colours()
     items.insert(2, ("bad", b"\x89PNG\r\n\x1a\n broken"))
     results = list(embed_sources(backbone, items, batch_size=32, workers=2))
     assert [key for key, _, _ in results] == [0, 1, "bad", 2, 3, 4]
