@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -314,3 +317,26 @@ def test_dual_backbone_joins_both_views_at_equal_weight(sample_images: dict[str,
     np.testing.assert_allclose(joined[:, 1280:] * np.sqrt(2), texture.embed(images), atol=1e-4)
     with pytest.raises(NotImplementedError, match="no classifier"):
         dual.classify(images)
+
+
+ONE_CORE_LAYOUT = """
+import os, sys
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})   # as `taskset -c N` or a one-CPU container allows
+from lookalike.backbones import load_backbone
+backbone = load_backbone("efficientnet-lite0")
+print(backbone.workers, backbone.session.get_session_options().intra_op_num_threads)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_cpu_backbone_runs_one_worker_per_core_each_inferring_on_its_own_thread(lite0):
+    """Workers follow the cores this process may use, not a fixed two: a large photo decodes for 0.1-0.5 s,
+    so on a many-core machine two workers left most cores idle."""
+    allowed = len(os.sched_getaffinity(0))
+    assert lite0.workers == allowed
+    if lite0.session is not None:   # the ONNX engine: each worker's call runs on its share of the threads
+        assert lite0.session.get_session_options().intra_op_num_threads == max(1, torch.get_num_threads() // allowed)
+    done = subprocess.run([sys.executable, "-c", ONE_CORE_LAYOUT], capture_output=True, text=True, timeout=110)
+    assert done.returncode == 0, done.stderr[-2000:]
+    workers, threads = map(int, done.stdout.split())
+    assert (workers, threads) == (1, 1)

@@ -62,17 +62,17 @@ def test_a_torn_or_altered_cache_file_is_exported_again(engines, monkeypatch, tm
     assert path.parent == tmp_path and not path.exists()
     pixels = batch(onnx)
     expected = onnx.features(pixels)
-    onnx_session(onnx.pooled, onnx.info.weights_sha256)          # exports into the empty cache
+    onnx_session(onnx.pooled, onnx.info.weights_sha256, threads=1)  # exports into the empty cache
     good = path.read_bytes()
     checksum = path.with_name(path.name + ".sha256")
     assert checksum.read_text() == hashlib.sha256(good).hexdigest()
     for damage in (good[: len(good) // 2], good[:-64] + bytes(64), b""):
         path.write_bytes(damage)                                 # a write cut short, or bytes changed
-        session = onnx_session(onnx.pooled, onnx.info.weights_sha256)
+        session = onnx_session(onnx.pooled, onnx.info.weights_sha256, threads=1)
         assert np.abs(session.run(None, {"images": pixels})[0] - expected).max() < 1e-5
         assert path.read_bytes() == good
     checksum.unlink()                                            # the checksum lost: exported again too
-    onnx_session(onnx.pooled, onnx.info.weights_sha256)
+    onnx_session(onnx.pooled, onnx.info.weights_sha256, threads=1)
     assert checksum.read_text() == hashlib.sha256(good).hexdigest()
 
 
@@ -81,6 +81,6 @@ def test_an_unwritable_cache_still_gives_a_working_session(engines, monkeypatch,
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("a file where the cache folder would be")
     monkeypatch.setenv(CACHE_ENV, str(blocked))
-    session = onnx_session(onnx.pooled, onnx.info.weights_sha256)
+    session = onnx_session(onnx.pooled, onnx.info.weights_sha256, threads=1)
     pixels = batch(onnx)
     assert np.abs(session.run(None, {"images": pixels})[0] - onnx.features(pixels)).max() < 1e-5

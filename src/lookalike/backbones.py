@@ -40,6 +40,7 @@ from tqdm import tqdm
 from .config import DEFAULT_BACKBONE
 from .errors import BadInput
 from .images import ImageError, Source, open_image
+from .workpool import cores
 
 
 K = TypeVar("K")
@@ -67,7 +68,7 @@ class Backbone:
     info: BackboneInfo
     draft: tuple[int, int] | None = None  # JPEG may decode at a reduced scale no smaller than this
     chunk: int | None = None  # most images one embed_sources worker takes at a time (None: its batch_size)
-    workers: int = 2  # embed_sources threads
+    workers: int = cores()  # embed_sources threads: one per core
     infer_in_workers: bool = True  # each thread runs the model on what it decoded (else the caller's thread)
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
@@ -105,8 +106,9 @@ LITE0_SIZE = 224
 LITE0_PREPROCESSING = (
     "RGB; JPEG draft-decoded at >= 224 px; whole image resized to 224x224 (Pillow bilinear, "
     "no crop); (x - 127) / 128; global average pool of the 1280-channel head, L2-normalised")
-# Batches larger than this run slower per image on CPU (activations fall out of cache).
-CPU_CHUNK = 4
+# Images a worker decodes (and on CPU embeds) at a time: batches larger than this run slower per image on
+# CPU (activations fall out of cache).
+CHUNK = 4
 
 
 class _PooledFeatures(torch.nn.Module):
@@ -148,15 +150,22 @@ class EfficientNetLite0(Backbone):
         self.info = BackboneInfo(name="efficientnet-lite0", dim=1280, input_size=LITE0_SIZE,
                                  preprocessing=LITE0_PREPROCESSING, weights_sha256=file_sha256(weights))
         self.pooled = _PooledFeatures(self.model)
-        self.session = onnx_session(self.pooled, self.info.weights_sha256) if self._onnx_engine() else None
-        # Small units on CPU: workers share the images evenly (a large photo decodes for 0.1-0.5 s),
-        # and neither engine runs faster per image on larger batches there.
-        self.chunk = CPU_CHUNK if self.device.type == "cpu" else None
+        # On CPU each core's worker decodes its images and runs the model on one thread of its own: a large
+        # photo decodes for 0.1-0.5 s, so fewer workers with more inference threads leave cores idle. On an
+        # H200 host's 16 cores (bench_featurize --photos-only / --quick): 63 against 12 images/s for two
+        # workers on >= 8 MP photographs, 393 against 290 on the sample set.
+        self.session = (onnx_session(self.pooled, self.info.weights_sha256,
+                                     threads=max(1, torch.get_num_threads() // self.workers))
+                        if self._onnx_engine() else None)
+        # Small units: the workers share the images evenly to the end of a batch. Neither CPU engine runs
+        # faster per image on larger batches; on a GPU, units of 32 large photos kept a few threads decoding
+        # while the rest idled (H200, 16 cores, >= 8 MP photographs: 72 against 11 images/s).
+        self.chunk = CHUNK
         if self.device.type != "cpu":
             # On a GPU the CPU only decodes, one thread per core, and one thread feeds the GPU. On an H200
             # with 16 cores (bench/check_cuda.py, 3,300 images): 288 images/s, against 225-235 for two
             # threads that decode and infer, and 88 for sixteen such threads (each with its own CUDA state).
-            self.workers, self.infer_in_workers = max(2, os.cpu_count() or 2), False
+            self.workers, self.infer_in_workers = max(2, cores()), False
 
     def _onnx_engine(self) -> bool:
         if self.device.type != "cpu" or os.environ.get(ENGINE_ENV, "onnx") == "torch":
@@ -173,7 +182,7 @@ class EfficientNetLite0(Backbone):
         return np.array(resized, dtype=np.uint8)  # HWC uint8, writable (torch wants that): a quarter of float32
 
     def _run(self, batch: np.ndarray, head: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
-        chunk = CPU_CHUNK if self.device.type == "cpu" else len(batch)
+        chunk = CHUNK if self.device.type == "cpu" else len(batch)
         with torch.inference_mode():
             parts = [head(torch.from_numpy(batch[i:i + chunk]).to(self.device)).float().cpu().numpy()
                      for i in range(0, len(batch), chunk)]
@@ -324,12 +333,12 @@ def _cached_onnx(pooled: torch.nn.Module, weights_sha256: str) -> bytes:
     return data
 
 
-def onnx_session(pooled: torch.nn.Module, weights_sha256: str):
-    """An ONNX Runtime session running ``pooled`` (a :class:`_PooledFeatures`; see :func:`_cached_onnx`)."""
+def onnx_session(pooled: torch.nn.Module, weights_sha256: str, threads: int):
+    """An ONNX Runtime session running ``pooled`` (a :class:`_PooledFeatures`; see :func:`_cached_onnx`)
+    on ``threads`` threads per call."""
     import onnxruntime   # optional dependency, imported only for the CPU engine
     options = onnxruntime.SessionOptions()
-    # embed_sources runs two batches at once: each gets its share of the cores, as torch's threads do.
-    options.intra_op_num_threads = max(1, torch.get_num_threads() // 2)
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     return onnxruntime.InferenceSession(_cached_onnx(pooled, weights_sha256), options,
                                         providers=["CPUExecutionProvider"])

@@ -23,6 +23,7 @@ from .db import Database, hashed_images, image_hashes, images, now, recorded_run
 from .images import ImageError, open_image
 from .phash import (DRAFT_HASHER_VERSION, DRAFT_SIZE, HASHER_VERSION, KINDS, check_sizes, compute_hashes,
                     is_low_detail)
+from .workpool import cores
 
 # KINDS: the choices of the step's hash-kind parameters; the hasher versions: what rows record.
 __all__ = ["KINDS", "HASHER_VERSION", "DRAFT_HASHER_VERSION", "HashSummary", "hash_images", "hash_one", "hash_records", "hashed_count",
@@ -89,8 +90,8 @@ def write_hashes(db: Database, hash_rows: list[dict], done_rows: list[dict]) -> 
             conn.execute(db.insert_ignore(hashed_images), done_rows)
 
 
-def hash_images(db: Database, *, imagehash_sizes: Iterable[int] = (8,), draft: bool = False, workers: int = 2,
-                progress: bool | None = None) -> HashSummary:
+def hash_images(db: Database, *, imagehash_sizes: Iterable[int] = (8,), draft: bool = False,
+                workers: int | None = None, progress: bool | None = None) -> HashSummary:
     """Store dHash 1..8 and a/d/p/wHash at ``imagehash_sizes`` for every ok image not hashed yet.
 
     Reads ``images`` and the store; writes ``image_hashes`` (one row per image,
@@ -122,8 +123,8 @@ def hash_images(db: Database, *, imagehash_sizes: Iterable[int] = (8,), draft: b
         def work(row):
             return row[0], hash_one(db.store.path(row[1]), dsizes, isizes, DRAFT_SIZE if draft else None)
 
-        # Decoding and resizing release the GIL: two threads keep two cores busy.
-        pool = ThreadPoolExecutor(max(1, workers))
+        # Decoding and resizing release the GIL: one thread per core keeps them all busy.
+        pool = ThreadPoolExecutor(workers or cores())
         try:
             with tqdm(total=len(todo), unit="img", desc="hash", disable=not progress, leave=False) as bar:
                 for image_id, (hashes, low, reason) in pool.map(work, todo):

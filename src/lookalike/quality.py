@@ -33,6 +33,7 @@ from .db import Database, images, now, recorded_run
 from .db.schema import image_quality
 from .images import ImageError, open_image
 from .steps import STEPS, check, default
+from .workpool import cores
 
 FLAGS: tuple[str, ...] = STEPS["inspect"].param("flag").choices
 ANALYSIS_PX = 256          # long side of the grey thumbnail every score is computed on
@@ -215,7 +216,7 @@ def _write(db: Database, rows: list[dict]) -> int:
 
 
 def inspect_images(db: Database, *, all_images: bool = default("inspect", "all_images"),
-                   flag: str | None = default("inspect", "flag"), workers: int = 2,
+                   flag: str | None = default("inspect", "flag"), workers: int | None = None,
                    progress: bool | None = None) -> InspectSummary:
     """Score every ok image not inspected yet (every one with ``all_images``) and list the flagged ones.
 
@@ -245,8 +246,8 @@ def inspect_images(db: Database, *, all_images: bool = default("inspect", "all_i
         def work(row):
             return row[0], inspect_one(db.store.path(row[1]), row[2], row[3])
 
-        # Decoding and resizing release the GIL: two threads keep two cores busy.
-        pool = ThreadPoolExecutor(max(1, workers))
+        # Decoding and resizing release the GIL: one thread per core keeps them all busy.
+        pool = ThreadPoolExecutor(workers or cores())
         try:
             with tqdm(total=len(todo), unit="img", desc="inspect", disable=not progress, leave=False) as bar:
                 for image_id, (scores, reason) in pool.map(work, todo):

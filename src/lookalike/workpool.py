@@ -1,13 +1,22 @@
-"""Calls on a thread pool, a bounded window of them at a time (load, export)."""
+"""Thread pools: how many threads to size them by, and calls on one a bounded window at a time (load, export)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TypeVar
 
 Item = TypeVar("Item")
 _END = object()
+
+
+def cores() -> int:
+    """The CPUs this process may run on: its affinity where the OS has one (a container's or taskset's limit)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:   # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def completed(pool: ThreadPoolExecutor, call: Callable[[Item], object], items: Iterable[Item],
