@@ -22,6 +22,7 @@ from lookalike.backbones import (ENGINE_ENV, Backbone, BackboneInfo, EfficientNe
                                  embed_sources, load_backbone, register)
 from lookalike.errors import BadInput
 from lookalike.images import open_image
+from lookalike.workpool import cores
 
 TABBY_TO_EGYPTIAN_CAT = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 ESPRESSO = 967
@@ -323,8 +324,9 @@ ONE_CORE_LAYOUT = """
 import os, sys
 os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})   # as `taskset -c N` or a one-CPU container allows
 from lookalike.backbones import load_backbone
+from lookalike.workpool import cores
 backbone = load_backbone("efficientnet-lite0")
-print(backbone.workers, backbone.session.get_session_options().intra_op_num_threads)
+print(backbone.workers, backbone.session.get_session_options().intra_op_num_threads, cores(), cores(at_most=8))
 """
 
 
@@ -338,5 +340,5 @@ def test_a_cpu_backbone_runs_one_worker_per_core_each_inferring_on_its_own_threa
         assert lite0.session.get_session_options().intra_op_num_threads == max(1, torch.get_num_threads() // allowed)
     done = subprocess.run([sys.executable, "-c", ONE_CORE_LAYOUT], capture_output=True, text=True, timeout=110)
     assert done.returncode == 0, done.stderr[-2000:]
-    workers, threads = map(int, done.stdout.split())
-    assert (workers, threads) == (1, 1)
+    assert list(map(int, done.stdout.split())) == [1, 1, 1, 1]   # workers, their threads, cores, at most 8 of them
+    assert cores(at_most=1) == 1 and cores(at_most=10_000) == allowed

@@ -23,7 +23,7 @@ from .db import Database, hashed_images, image_hashes, images, now, recorded_run
 from .images import ImageError, open_image
 from .phash import (DRAFT_HASHER_VERSION, DRAFT_SIZE, HASHER_VERSION, KINDS, check_sizes, compute_hashes,
                     is_low_detail)
-from .workpool import cores
+from .workpool import FULL_DECODERS, cores
 
 # KINDS: the choices of the step's hash-kind parameters; the hasher versions: what rows record.
 __all__ = ["KINDS", "HASHER_VERSION", "DRAFT_HASHER_VERSION", "HashSummary", "hash_images", "hash_one", "hash_records", "hashed_count",
@@ -124,7 +124,7 @@ def hash_images(db: Database, *, imagehash_sizes: Iterable[int] = (8,), draft: b
             return row[0], hash_one(db.store.path(row[1]), dsizes, isizes, DRAFT_SIZE if draft else None)
 
         # Decoding and resizing release the GIL: one thread per core keeps them all busy.
-        pool = ThreadPoolExecutor(workers or cores())
+        pool = ThreadPoolExecutor(workers or cores(at_most=FULL_DECODERS))
         try:
             with tqdm(total=len(todo), unit="img", desc="hash", disable=not progress, leave=False) as bar:
                 for image_id, (hashes, low, reason) in pool.map(work, todo):

@@ -17,7 +17,6 @@ hashes go to a blocked brute force instead.
 
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -28,6 +27,7 @@ import numpy as np
 
 from .errors import BadInput
 from .hamming import hamming_rows, popcount_rows
+from .workpool import cores
 
 _BLOCK = 1 << 20          # candidate pairs handled at once: bounds memory on adversarial input
 _MAX_TABLE_BITS = 22      # widest chunk that gets a dense lookup table (2**22 entries)
@@ -278,7 +278,7 @@ def pairs_within(hashes: np.ndarray, max_distance: int, *,
     ``workers`` threads share the work (default: one per CPU, at most 8).
     """
     search = Search(hashes, max_distance)
-    workers = workers or min(os.cpu_count() or 1, 8)
+    workers = workers or cores(at_most=8)
     with ThreadPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
         run = pool.map if pool else map  # NumPy releases the GIL, so threads share the cores
         list(run(search.chunk, range(len(search.plan or ()))))   # built side by side, before the tasks

@@ -33,7 +33,7 @@ from .db import Database, images, now, recorded_run
 from .db.schema import image_quality
 from .images import ImageError, open_image
 from .steps import STEPS, check, default
-from .workpool import cores
+from .workpool import FULL_DECODERS, cores
 
 FLAGS: tuple[str, ...] = STEPS["inspect"].param("flag").choices
 ANALYSIS_PX = 256          # long side of the grey thumbnail every score is computed on
@@ -247,7 +247,7 @@ def inspect_images(db: Database, *, all_images: bool = default("inspect", "all_i
             return row[0], inspect_one(db.store.path(row[1]), row[2], row[3])
 
         # Decoding and resizing release the GIL: one thread per core keeps them all busy.
-        pool = ThreadPoolExecutor(workers or cores())
+        pool = ThreadPoolExecutor(workers or cores(at_most=FULL_DECODERS))
         try:
             with tqdm(total=len(todo), unit="img", desc="inspect", disable=not progress, leave=False) as bar:
                 for image_id, (scores, reason) in pool.map(work, todo):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -37,6 +36,7 @@ from .errors import BadInput
 from .steps import default
 from .images import open_image
 from .sheets import contact_sheet
+from .workpool import cores
 
 LABELS = ("dotted", "striped", "leopard")
 
@@ -811,7 +811,7 @@ def render_samples(out_dir: str | Path, *, per_label: int = default("samples", "
         jobs += [(label, n + 1, copies.get(n, 0)) for n in range(per_label)]
 
     rows: list[tuple[str, str, str]] = []
-    workers = min(8, os.cpu_count() or 1)
+    workers = cores(at_most=8)
     show = progress and sys.stderr.isatty()
     with ThreadPoolExecutor(workers) as pool, tqdm(total=len(jobs), desc="render samples", unit="img",
                                                     disable=not show) as bar:

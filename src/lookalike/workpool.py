@@ -11,12 +11,19 @@ Item = TypeVar("Item")
 _END = object()
 
 
-def cores() -> int:
-    """The CPUs this process may run on: its affinity where the OS has one (a container's or taskset's limit)."""
+# Threads that each hold a whole decoded image at once: a full-size decode may take 268 MB (Pillow's pixel
+# limit in RGB), so however many cores there are, at most this many run together.
+FULL_DECODERS = 8
+
+
+def cores(at_most: int | None = None) -> int:
+    """The CPUs this process may run on (its affinity where the OS has one: a container's or taskset's
+    limit), at most ``at_most``."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        count = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:   # macOS, Windows
-        return os.cpu_count() or 1
+        count = os.cpu_count() or 1
+    return count if at_most is None else min(count, at_most)
 
 
 def completed(pool: ThreadPoolExecutor, call: Callable[[Item], object], items: Iterable[Item],
