@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from texture_devset import build_texture_devset  # noqa: E402
 
 from lookalike.config import DEFAULT_BACKBONE  # noqa: E402
-from lookalike.db import Database, images, latest_feature_model, load_embeddings  # noqa: E402
+from lookalike.db import (Database, evaluation_pairs, evaluations, images, latest_feature_model,  # noqa: E402
+                          load_embeddings, models, scores)
 from lookalike.pipeline import run_pipeline  # noqa: E402
 from lookalike.samples import render_samples  # noqa: E402
 from lookalike.projection import load_space  # noqa: E402
@@ -48,6 +49,7 @@ def quality_table(manifest: Path, work: Path, name: str, backbone: str) -> None:
     with Database(f"sqlite:///{work}/{name}.db", work / f"{name}-store") as db:
         summary = run_pipeline(db, manifest, seed=0, backbone=backbone, progress=False)
         evaluation = next(lines for step, _, lines in summary.steps if step == "evaluate")
+        intruders = label_intruders(db)
     print(f"\n{name}: {evaluation[0]} ({time.monotonic() - started:.0f} s)")
     print(f"  {'space':<11}" + "".join(f"{m:>10}" for m in MEASURES))
     for line in evaluation[2:]:
@@ -57,6 +59,30 @@ def quality_table(manifest: Path, work: Path, name: str, backbone: str) -> None:
                                "mean_rank", "median_rank", "map@10", "recall@10"], cells[2:]))
             print(f"  {cells[0]:<11}" + "".join(f"{values[m]:>10}" for m in MEASURES))
     print("\n".join(line for line in evaluation if "default space" in line or "note" in line))
+    print(intruders)
+
+
+def label_intruders(db: Database) -> str:
+    """What holds a label-aware space's top-1 down: the classifier's test accuracy, and how many of a query's
+    negatives it predicts as the query's own label. In the space such a negative lands near the query, as the
+    positive does, and the positive must outrank all of them: with N labels and 100 negatives, an accuracy
+    a leaves about 100 (1 - a) / (N - 1) of them a query."""
+    with db.engine.connect() as conn:
+        evaluation_id, model_id = conn.execute(sa.select(evaluations.c.id, evaluations.c.model_id)
+                                               .order_by(evaluations.c.id.desc()).limit(1)).one()
+        accuracy = conn.execute(sa.select(models.c.test_accuracy).where(models.c.id == model_id)).scalar_one()
+        predicted = dict(conn.execute(sa.select(scores.c.image_id, scores.c.predicted)
+                                      .where(scores.c.model_id == model_id)).all())
+        label = dict(conn.execute(sa.select(images.c.id, images.c.label)).all())
+        pairs = conn.execute(sa.select(evaluation_pairs.c.query_id, evaluation_pairs.c.candidate_id)
+                             .where(evaluation_pairs.c.evaluation_id == evaluation_id,
+                                    evaluation_pairs.c.is_positive.is_(False))).all()
+    per_query: dict[int, int] = {}
+    for query, candidate in pairs:
+        per_query[query] = per_query.get(query, 0) + (predicted[candidate] == label[query])
+    return (f"  classifier: test accuracy {accuracy:.3f}; negatives predicted as the query's own label: "
+            f"{np.mean(list(per_query.values())):.2f} a query, none for {np.mean([n == 0 for n in per_query.values()]):.3f} "
+            f"of queries")
 
 
 def label_free(manifest: Path, work: Path, backbone: str) -> None:
