@@ -269,6 +269,46 @@ def test_similar_images_maps_the_cli_index_and_sees_rows_added_by_sql(steps_db, 
             rebuild_index(db)
 
 
+# Which of these modules the session's Python has imported, as a NOTICE.
+IMPORTED = ("DO LANGUAGE plpython3u $$ import sys; plpy.notice('imported: ' + ','.join(m for m in ('sqlalchemy', 'psycopg', "
+            "'lookalike.plpython') if m in sys.modules)) $$;")
+
+
+@pytest.mark.timeout(300)
+def test_a_query_by_id_is_answered_from_the_folder_without_a_database_driver(steps_db, pg_cluster):
+    """A fresh session asks by id: the index folder answers through the server's SPI, as the CLI does, and
+    SQLAlchemy and psycopg stay unimported (they took most of a fresh session's second). A folder behind the
+    database sends the query the long way, which catches up and gives the new row."""
+    query = rows(steps_db.url, "SELECT min(image_id) FROM embeddings")[0][0]
+    with Database(steps_db.url) as db:   # the folder current, as after any CLI search
+        cli = [(m.image_id, m.label, m.source, round(m.distance, 5)) for m in similar_images(db, query, k=10)]
+    ask = f"SELECT image_id, label, source, distance FROM lookalike.similar_images({query}::bigint, 10);\n"
+
+    def answer(result) -> list[tuple]:
+        assert result.returncode == 0, result.stderr
+        return [(int(i), label, source, round(float(d), 5))
+                for i, label, source, d in (line.split("|") for line in result.stdout.splitlines())]
+
+    fresh = psql(pg_cluster, ask + IMPORTED, steps_db.name)
+    assert answer(fresh) == cli
+    assert "NOTICE:  imported: \n" in fresh.stderr + "\n", fresh.stderr
+    assert "lookalike.similar_images: 10 results in the" in fresh.stderr
+    try:   # a raw SQL writer adds a copy of the query: the folder is behind until someone catches it up
+        added = psql(pg_cluster, "INSERT INTO lookalike.images (id, sha256, source, byte_size, status, loaded_at, "
+                                 "label) SELECT 100001, repeat('e', 64), 'raw2.jpg', byte_size, status, loaded_at, "
+                                 f"label FROM lookalike.images WHERE id = {query}; INSERT INTO lookalike.embeddings "
+                                 "(image_id, model_id, vector) SELECT 100001, model_id, vector FROM "
+                                 f"lookalike.embeddings WHERE image_id = {query}", steps_db.name)
+        assert added.returncode == 0, added.stderr
+        behind = psql(pg_cluster, ask + IMPORTED, steps_db.name)
+        assert answer(behind)[0][:2] == (100001, cli[0][1]) and answer(behind)[1:] == cli[:9]
+        assert "NOTICE:  imported: sqlalchemy,psycopg,lookalike.plpython" in behind.stderr
+    finally:
+        psql(pg_cluster, "DELETE FROM lookalike.images WHERE id = 100001", steps_db.name)
+        with Database(steps_db.url) as db:   # the matrix as it was (later tests compare distances bit for bit)
+            rebuild_index(db)
+
+
 def test_only_granted_roles_run_the_procedures(steps_db, pg_cluster):
     pg_cluster.psql("CREATE ROLE lk_analyst LOGIN", db="postgres")
     pg_cluster.psql("GRANT USAGE ON SCHEMA lookalike TO lk_analyst; "

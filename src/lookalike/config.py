@@ -5,16 +5,18 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+from typing import TYPE_CHECKING
 
 from .errors import BadInput
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 DEFAULT_DB = "sqlite:///lookalike.db"
 DB_ENV = "LOOKALIKE_DB"
 STORE_ENV = "LOOKALIKE_STORE"
 DEFAULT_BACKBONE = "efficientnet-lite0"   # the CNN that featurize, search and the verified dedupe use
+PG_SCHEMA = "lookalike"                   # on PostgreSQL the tables, views and routines live in this schema
 
 
 class ConfigError(BadInput):
@@ -27,6 +29,10 @@ def resolve_db_url(flag: str | None = None) -> str:
 
 def parse_db_url(url: str) -> URL:
     """Parse and normalise a database URL (``postgresql://`` uses psycopg 3)."""
+    # SQLAlchemy where a URL is parsed, not on import: the steps' registry imports this module, and a
+    # PL/Python backend answering a query by id needs no database driver (lookalike.backend).
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
     try:
         parsed = make_url(url)
     except ArgumentError:
@@ -41,6 +47,8 @@ def parse_db_url(url: str) -> URL:
 
 def mask_url(url: str | URL) -> str:
     """The URL with its password hidden, safe for logs and errors."""
+    from sqlalchemy.engine import URL, make_url
+    from sqlalchemy.exc import ArgumentError
     try:
         parsed = url if isinstance(url, URL) else make_url(url)
         return parsed.render_as_string(hide_password=True)

@@ -8,7 +8,9 @@ Two halves:
   ``sql/postgres/procedures.sql`` in schema ``lookalike``; :func:`uninstall`
   takes them away again. PL/Python runs the server's own Python, so its
   major.minor must be ours (the copied wheels are built for it).
-- **Server** (runs inside a PostgreSQL backend, called from the routine bodies):
+- **Server** (runs inside a PostgreSQL backend, called from the routine bodies
+  through :mod:`lookalike.backend`, which answers a query by id from a current
+  index folder itself, without importing this module or a database driver):
   :func:`call` runs one procedure, :func:`similar` answers ``similar_images``.
   Each is a thin call of the step function the CLI calls, on a :class:`Database`
   that connects back to the same server over its unix socket as the current
@@ -42,6 +44,7 @@ from typing import Any, Callable, Iterator
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
+from .backend import HOLDS_MORE_THAN_READS, answered
 from .config import ConfigError, mask_secrets, parse_db_url, resolve_db_url
 from .db import PG_SCHEMA, Database, settings
 from .errors import BadInput, LookalikeError, describe
@@ -609,7 +612,7 @@ def similar(plpy, store: str, query: int | str | None, k: int | None) -> tuple[l
     interrupts = _Interrupts()
     rows, failure = [], None
     try:
-        if plpy.execute(_HOLDS_MORE_THAN_READS)[0]["holds"]:
+        if plpy.execute(HOLDS_MORE_THAN_READS)[0]["holds"]:
             raise ProcedureError("this transaction has uncommitted changes or locks, which the search cannot "
                                  "see or would wait for (it reads through its own connection): commit first, "
                                  "or ask in a transaction of its own", "25001")
@@ -617,20 +620,12 @@ def similar(plpy, store: str, query: int | str | None, k: int | None) -> tuple[l
         with _notices(plpy, interrupts):   # e.g. that the vector index cannot be read here, and the fallback
             matches = _watched(interrupts, lambda: similar_images(_server_database(plpy, store), query, k=k,
                                                                   allow_private=private_urls_allowed_here()))
-        rows = [(m.rank, m.image_id, m.label, m.distance, m.similarity, m.source) for m in matches]
-        if matches:   # which space answered: the default evaluate chose, or where none, pca or the embeddings
-            plpy.notice(f"lookalike.similar_images: {len(matches)} results in the {matches[0].space} space")
+        rows = answered(plpy, matches)
     except KeyboardInterrupt:
         failure = ProcedureError("interrupted", "57014")  # query_canceled, when the server says no more
     except Exception as exc:
         failure = exc
     return rows, _outcome(plpy, "similar_images", interrupts, failure)
-
-
-# Whether this transaction has written (it has an xid) or holds a relation lock stronger than reading's.
-_HOLDS_MORE_THAN_READS = ("SELECT pg_current_xact_id_if_assigned() IS NOT NULL OR EXISTS (SELECT FROM pg_locks "
-                          "WHERE pid = pg_backend_pid() AND locktype = 'relation' AND mode <> 'AccessShareLock') "
-                          "AS holds")
 
 
 def _outcome(plpy, routine: str, interrupts: _Interrupts, failure: Exception | None) -> Exception | None:

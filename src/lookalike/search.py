@@ -4,7 +4,7 @@ Spaces: ``embeddings`` (the CNN vectors), ``scores`` (the classifier's class
 probabilities, what the original solution ranked in), and the spaces fitted on
 the collection, ``pca`` and ``learned`` (:mod:`lookalike.spaces`). ``auto``,
 the default, is the space the evaluate step measured best. Distances are cosine
-distances; similarity = 1 − distance; ties (:data:`TIE_DECIMALS`) are listed by image id.
+distances; similarity = 1 − distance; ties (:data:`lookalike.answers.TIE_DECIMALS`) are listed by image id.
 
 - :func:`similar_images` — one query: a stored image id, a path, a URL or bytes.
 - :func:`add_queries` / :func:`rank_queries` — the batch form: ``query_images``
@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,10 +26,11 @@ import sqlalchemy as sa
 from .config import DEFAULT_BACKBONE
 from .db import (Database, images, latest_classifier_scores, latest_feature_model,
                  non_keepers, now, query_images, ranking_results, recorded_run, scores, vector_from_bytes)
+from .answers import BUILT_IN, Match, ranked
 from .errors import BadInput, NotFound, Precondition
 from .index import IndexUnavailable, generation, open_index
 from .projection import FITTED, Space, fitted_id, load_space
-from .spaces import BUILT_IN, resolve_space
+from .spaces import resolve_space
 from .steps import check, default
 from .store import sha256_hex
 from .vectors import build_index
@@ -38,25 +39,7 @@ if TYPE_CHECKING:
     from .net import FetchLimits
 
 SPACES = BUILT_IN + FITTED
-# Similarities equal to this many places tie and are listed by image id: float noise must not order them. In
-# the scores space, class probabilities that agree to the printed 4 places are the classifier equally sure.
-TIE_DECIMALS = {"scores": 4}   # per space; others: TIE_DECIMALS_DEFAULT
-TIE_DECIMALS_DEFAULT = 6
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Match:
-    rank: int
-    image_id: int
-    label: str | None
-    distance: float
-    similarity: float
-    source: str
-    space: str = "embeddings"   # the space that answered
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 class Collection:
@@ -128,15 +111,7 @@ class Collection:
         else:
             found, dists = self.index.search(_unit(vector.reshape(1, -1)), k, exclude=[exclude], allowed=allowed)
             found_ids, distances = found[0][found[0] >= 0], dists[0][found[0] >= 0]
-        rows = self.labels(found_ids)
-        decimals = TIE_DECIMALS.get(self.space, TIE_DECIMALS_DEFAULT)
-        ordered = sorted(zip(found_ids.tolist(), distances.tolist()),
-                         key=lambda pair: (-round(1.0 - pair[1], decimals), pair[0]))   # similarity, as printed
-        out = []
-        for rank, (image_id, distance) in enumerate(ordered, start=1):
-            label_of, source = rows.get(image_id, (None, ""))
-            out.append(Match(rank, image_id, label_of, float(distance), float(1.0 - distance), source, self.space))
-        return out
+        return ranked(found_ids, distances, self.labels(found_ids), self.space)
 
     def stored_vector(self, image_id: int) -> np.ndarray:
         if self.space != "scores":

@@ -40,20 +40,18 @@ import sqlalchemy as sa
 from .config import DEFAULT_BACKBONE
 from .db import (Database, embeddings, images, latest_feature_model, load_embeddings, now, recorded_run, settings,
                  similarity_spaces, space_vectors, splits, vector_bytes, vector_from_bytes)
+from .answers import AUTO, BUILT_IN, DEFAULT_KEY, auto_space
 from .errors import BadInput, Precondition
 from .index import refresh_index
 from .projection import FITTED, Part, Space, pack_parts, unpack_parts, fitted_id, fitted_spaces
 from .steps import default
 
-BUILT_IN = ("embeddings", "scores")      # spaces with nothing to fit: the raw vectors, the classifier's scores
-AUTO = "auto"
 PCA_DIM = 256
 WHITEN_POWER = 0.0
 LEARNED_WEIGHT = 0.7   # label part : look part = 0.7 : 0.3; top-1 measured the same from 0.5 to 0.95, and
                        # a same-label pair stays about 0.1 x its look distance apart (readable, no ties)
 FIT_SAMPLE = 50_000                      # embeddings the PCA is fitted on, at most (drawn by seed)
 CHUNK = 5_000                            # embeddings projected and written per transaction
-DEFAULT_KEY = "default_space"            # settings row: the space evaluate found best, and its evidence
 # When two spaces measure the same, the one that orders results best: the learned space keeps look within
 # a label, the scores space ties whole labels.
 PREFERENCE = ("learned", "pca", "embeddings", "scores")
@@ -227,9 +225,5 @@ def resolve_space(conn, space: str, feature_model_id: int) -> str:
             raise BadInput(f"space must be one of {', '.join((AUTO,) + FITTED + BUILT_IN)}, not {space!r}")
         return space
     stored = conn.execute(sa.select(settings.c.value).where(settings.c.key == DEFAULT_KEY)).scalar()
-    if stored is not None:
-        recorded = json.loads(stored)
-        if recorded.get("feature_model_id") == feature_model_id and (
-                recorded["space"] in BUILT_IN or fitted_id(conn, recorded["space"], feature_model_id) is not None):
-            return recorded["space"]
-    return "pca" if fitted_id(conn, "pca", feature_model_id) is not None else "embeddings"
+    fitted = {name for name in FITTED if fitted_id(conn, name, feature_model_id) is not None}
+    return auto_space(None if stored is None else json.loads(stored), feature_model_id, fitted)

@@ -385,12 +385,13 @@ PLPYTHON_PATH = "@PLPYTHON_PATH@"   # filled in by install: where the server imp
 STORE_PATH = "@STORE_PATH@"         # filled in by install: the image store's folder
 
 # Each body's first lines: on a session's first call, put install's folder first on sys.path and
-# import lookalike.plpython, kept in GD (PL/Python's per-session dictionary) for later calls.
+# import lookalike.backend (no database driver: it imports lookalike.plpython when it needs it), kept in GD
+# (PL/Python's per-session dictionary) for later calls.
 PREAMBLE = f"""if "lookalike" not in GD:
     import sys
     sys.path.insert(0, {PLPYTHON_PATH})
-    import lookalike.plpython
-    GD["lookalike"] = lookalike.plpython
+    import lookalike.backend
+    GD["lookalike"] = lookalike.backend
 """
 
 SQL_HEADER = """\

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-PG_SCHEMA = "lookalike"
+from ..config import PG_SCHEMA
 
 metadata = sa.MetaData()
 
