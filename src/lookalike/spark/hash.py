@@ -16,10 +16,6 @@ from ..steps import SPARK_MASTER
 from .io import (SparkSummary, fail_once, job_session, output_dir, sources, store_output, todo_frame, with_files,
                  write_output)
 
-SCHEMA = ("image_id bigint, sha256 string, reason string, hasher string, low_detail boolean, "
-          "hashes array<struct<kind:string, size:int, hex:string, value:bigint, bits:int>>")
-
-
 def _hasher(store: str, dsizes: list[int], isizes: list[int], draft: bool, hasher: str):
     def run(batches):
         import pyarrow as pa   # the spark extra: imported where the work runs
@@ -52,6 +48,7 @@ def spark_hash(db: Database, *, master: str = SPARK_MASTER.default, out: Path | 
     :func:`~lookalike.spark.io.with_files`). ``session``: an open SparkSession to use instead of starting one
     on ``master``."""
     dsizes, isizes = check_sizes(range(1, 9), imagehash_sizes)
+    from pyspark.sql.pandas.types import from_arrow_schema   # the spark extra; the one schema is Arrow's
     hasher = DRAFT_HASHER_VERSION if draft else HASHER_VERSION
     folder = output_dir(db, "hash", out)
     summary = HashSummary()
@@ -62,7 +59,8 @@ def spark_hash(db: Database, *, master: str = SPARK_MASTER.default, out: Path | 
         with db.engine.connect() as conn:
             summary.already = hashed_count(conn)
         todo = with_files(spark, todo_frame(spark, db, unhashed()), source)
-        frame = todo.mapInArrow(_hasher(str(db.store.root), dsizes, isizes, draft, hasher), SCHEMA)
+        frame = todo.mapInArrow(_hasher(str(db.store.root), dsizes, isizes, draft, hasher),
+                                from_arrow_schema(_arrow_schema()))
         write_output(frame, folder, {"job": "hash", "hasher": hasher})
         stored = store_output(spark, db, folder)
         summary.hashed, summary.low_detail = stored.counts.written, stored.counts.low_detail
