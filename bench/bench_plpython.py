@@ -192,11 +192,13 @@ def bench_index(cluster: PostgresCluster, root: Path, store: Path, n: int, space
     timed(lambda: run(psql + ["-c", search.format(picks[0])]))   # the server's first imports: page cache warm
     baseline = [timed(lambda: run(psql + ["-c", "SELECT 1"]))[0] for _ in range(5)]
     fresh = [timed(lambda i=i: run(psql + ["-c", search.format(i)]))[0] for i in picks[:5]]
-    # The same first call, its imports timed inside the backend (what PREAMBLE does on a session's first call).
+    # A first call's imports, timed inside a fresh backend: what PREAMBLE imports (lookalike.backend, which
+    # answers by id from the folder), and what the long way through lookalike.plpython adds to them.
     imports = ("DO LANGUAGE plpython3u $$\nimport sys, time\nstarted = time.perf_counter()\nsys.path.insert(0, %r)\n"
-               "import lookalike.plpython, lookalike.search\nplpy.notice('imports %%.2f s' %% "
-               "(time.perf_counter() - started))\n$$;" % str(root / "python"))
-    imported = run(psql + ["-c", imports]).stderr.split("imports ")[1].split()[0]
+               "import %s\nplpy.notice('imports %%.2f s' %% (time.perf_counter() - started))\n$$;")
+    imported, long_way = (run(psql + ["-c", imports % (str(root / "python"), modules)]).stderr
+                          .split("imports ")[1].split()[0]
+                          for modules in ("lookalike.backend", "lookalike.backend, lookalike.plpython, lookalike.search"))
 
     def sessions(count: int) -> list[dict[str, float]]:
         """``count`` sessions each searching three times at once; their backends' memory, still connected."""
@@ -220,7 +222,8 @@ def bench_index(cluster: PostgresCluster, root: Path, store: Path, n: int, space
     p50 = statistics.median
     print(f"\nsimilar_images by id, k=10, over {n:,} vectors through the index ({'pca space' if space else 'embeddings'}):")
     print(f"  fresh psql session, p50 of 5      {p50(fresh):6.2f} s   (goal <= 0.5 s; `SELECT 1` alone: "
-          f"{p50(baseline):.2f} s; the backend's imports alone: {imported} s)")
+          f"{p50(baseline):.2f} s; the backend's imports alone: {imported} s, {long_way} s with the long "
+          f"way's through lookalike.plpython)")
     print(f"  one session:   PSS {one[0]['Pss']:7.0f} MB, of it private heap {one[0]['Pss_Anon']:5.0f} MB, "
           f"RSS {one[0]['Rss']:7.0f} MB")
     print(f"  8 sessions:    PSS {total['Pss']:7.0f} MB, of it private heap {total['Pss_Anon']:5.0f} MB, "
