@@ -199,6 +199,46 @@ def test_similar_by_id_imports_neither_torch_nor_httpx_nor_faiss(sqlite_url, tmp
     assert len(json.loads("\n".join(lines[:-1]))) == 3
 
 
+QUICK_SIMILAR = """import json, sys
+from lookalike.cli import main
+code = main(['similar', '4', '--json', '--top', '3', '--db', sys.argv[1]])
+print(json.dumps({'code': code, 'sqlalchemy': 'sqlalchemy' in sys.modules}))
+"""
+
+
+@pytest.mark.timeout(180)
+def test_similar_by_id_on_a_current_folder_imports_no_sqlalchemy_and_answers_as_the_long_way(sqlite_url, tmp_path):
+    """A cold `similar ID` spent most of its time importing SQLAlchemy. On a current index folder it reads
+    the few rows it needs through sqlite3 (lookalike.quick); a folder behind the database, or none, takes
+    the long way, which catches up: the same JSON either way."""
+    with Database(sqlite_url, tmp_path / "store") as db:
+        model = add_model(db, "efficientnet-lite0")
+        vectors = np.random.default_rng(8).normal(size=(20, DIM))
+        add_images(db, model, vectors)
+
+    def similar() -> tuple[list[dict], bool]:
+        out = subprocess.run([sys.executable, "-c", QUICK_SIMILAR, sqlite_url], capture_output=True, text=True,
+                             timeout=100, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.strip().splitlines()
+        status = json.loads(lines[-1])
+        assert status["code"] == 0
+        return json.loads("\n".join(lines[:-1])), status["sqlalchemy"]
+
+    first, long_way = similar()            # no folder yet: the long way builds it
+    again, long_way_again = similar()      # the folder is current: the quick way
+    assert long_way and not long_way_again and again == first and len(first) == 3
+    with Database(sqlite_url) as db:       # another writer adds a copy of the query by raw SQL
+        raw_sql(db, "INSERT INTO images (id, sha256, source, byte_size, status, loaded_at, label) SELECT 100, "
+                    f"'{100:064x}', 'copy.jpg', byte_size, status, loaded_at, label FROM images WHERE id = 4",
+                f"INSERT INTO embeddings (image_id, model_id, vector) VALUES (100, {model}, "
+                f"{hexvec(vectors[3], db.dialect)})")
+    behind, long_way_behind = similar()    # the folder is behind: the long way, which catches it up
+    assert long_way_behind and [m["image_id"] for m in behind] == [100] + [m["image_id"] for m in first[:2]]
+    caught_up, long_way_after = similar()
+    assert not long_way_after and caught_up == behind
+
+
 def test_index_status_and_rebuild_from_the_cli(sqlite_url, tmp_path):
     from support.cli import lookalike
     with Database(sqlite_url, tmp_path / "store") as db:

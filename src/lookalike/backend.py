@@ -1,7 +1,7 @@
 """What a PostgreSQL backend imports on its first lookalike call: no database driver.
 
 ``similar_images`` by a stored image's id is answered here, from the index folder
-(:mod:`lookalike.index_files`) and a few reads through the server's own SPI
+(:func:`lookalike.quick.by_id`) and a few reads through the server's own SPI
 (``plpy``): a fresh session imports NumPy (and faiss, for an IVF folder) but
 neither SQLAlchemy nor psycopg, which took most of a fresh session's second.
 Everything else goes to :mod:`lookalike.plpython`, which reaches the database
@@ -15,13 +15,12 @@ same rows, as tests/test_plpython.py checks.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
-from .answers import DEFAULT_KEY, Match, auto_space, ranked
+from .answers import DEFAULT_KEY, Match
 from .config import DEFAULT_BACKBONE, PG_SCHEMA
 from .errors import BadInput
-from .index_files import MappedIndex, _open_files, _read_header, _wanted_ivf, folder_name, index_root
+from .quick import Stored, by_id, newest_rows
 from .steps import default, routine
 
 # The model, its embeddings' generation, this database's id, the recorded default space and the fitted spaces
@@ -41,8 +40,6 @@ _LABELS = f"SELECT id, label, source FROM {PG_SCHEMA}.images WHERE id = ANY($1)"
 HOLDS_MORE_THAN_READS = ("SELECT pg_current_xact_id_if_assigned() IS NOT NULL OR EXISTS (SELECT FROM pg_locks "
                          "WHERE pid = pg_backend_pid() AND locktype = 'relation' AND mode <> 'AccessShareLock') "
                          "AS holds")
-
-_opened: dict[Path, MappedIndex] = {}   # per folder, reused while its header stays the same
 
 
 def call(plpy, routine_name: str, store: str, **params: Any) -> Exception | None:
@@ -70,7 +67,8 @@ def answered(plpy, matches: list[Match]) -> list[tuple]:
 
 
 def _from_folder(plpy, store: str, image_id: int, k: int | None) -> list[Match] | None:
-    """The matches from the index folder as it stands, or None where :mod:`lookalike.plpython` must answer."""
+    """The matches from the index folder as it stands (:func:`lookalike.quick.by_id`), or None where
+    :mod:`lookalike.plpython` must answer."""
     try:
         routine("similar_images").check({"k": k})
     except BadInput:
@@ -82,46 +80,12 @@ def _from_folder(plpy, store: str, image_id: int, k: int | None) -> list[Match] 
     if not found or found[0]["generation"] is None or found[0]["database_id"] is None:
         return None
     state = found[0]
-    fitted: dict[str, dict] = {}
-    for space in json.loads(state["spaces"] or "[]"):   # the newest row of each name, as a refit makes
-        if space["name"] not in fitted or space["id"] > fitted[space["name"]]["id"]:
-            fitted[space["name"]] = space
-    asked = default("similar", "space")
-    name = auto_space(json.loads(state["recorded"]) if state["recorded"] else None, state["model_id"],
-                      set(fitted)) if asked == "auto" else asked
-    if name == "scores" or name in fitted and not fitted[name]["intact"]:
-        return None
-    space = fitted.get(name)
-    folder = index_root(store) / folder_name(state["model_id"], space["id"] if space else None)
-    index = _current(folder)
-    if index is None:
-        return None
-    h = index.header
-    wanted = (state["database_id"], state["weights_sha256"], space["id"] if space else 0,
-              space["checksum"] if space else "", state["generation"])
-    kind = default("similar", "index")
-    if (h.database, h.weights_sha256, h.space_id, h.space_sha256, h.generation) != wanted \
-            or (_wanted_ivf(index, kind) and index.ivf is None) or len(index) == 0:
-        return None
-    index.use_ivf = kind != "exact"
-    vector = index.vector(image_id)
-    if vector is None:
-        return None   # not stored: plpython says so, as the CLI does
-    found_ids, distances = index.search(vector, k, exclude={image_id})
-    rows = plpy.execute(plpy.prepare(_LABELS, ["bigint[]"]), [[int(i) for i in found_ids]])
-    return ranked(found_ids, distances, {row["id"]: (row["label"], row["source"]) for row in rows}, name)
+    stored = Stored(state["model_id"], state["weights_sha256"], state["generation"], state["database_id"],
+                    json.loads(state["recorded"]) if state["recorded"] else None,
+                    newest_rows(json.loads(state["spaces"] or "[]")))
 
+    def labels(ids: list[int]) -> dict[int, tuple[str | None, str]]:
+        rows = plpy.execute(plpy.prepare(_LABELS, ["bigint[]"]), [ids])
+        return {row["id"]: (row["label"], row["source"]) for row in rows}
 
-def _current(folder: Path) -> MappedIndex | None:
-    """The folder's index, opened again only when its header changed."""
-    header = _read_header(folder)
-    if header is None:
-        return None
-    opened = _opened.get(folder)
-    if opened is None or opened.header != header:
-        opened = _open_files(folder)
-        if opened is None:
-            _opened.pop(folder, None)
-            return None
-        _opened[folder] = opened
-    return opened
+    return by_id(store, stored, image_id, k, default("similar", "space"), default("similar", "index"), labels)

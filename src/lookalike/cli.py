@@ -14,10 +14,8 @@ import traceback
 from collections import Counter
 from pathlib import Path
 
-from sqlalchemy.exc import DBAPIError
-
 from . import __version__
-from .config import mask_secrets
+from .config import STORE_ENV, mask_secrets, resolve_db_url
 from .errors import EXIT_BROKEN_PIPE, EXIT_BUG, EXIT_INTERRUPTED, EXIT_USER_ERROR, describe
 from .store import DEFAULT_GRACE_S, StoreError
 from .steps import (IMPORT, INDEX_ACTIONS, REQUIRED, REVIEW_ACTIONS, RUN_STEPS, SPARK_JOBS, STEPS, Param, Step,
@@ -62,6 +60,7 @@ def cmd_load(args) -> int:
     from .db import committed_since, describe_db_error, now  # lazy: a cold --help loads no step
     from .ingest import load_images  # lazy: a cold --help loads no step
     from .net import FetchLimits  # lazy: a cold --help loads no step
+    from sqlalchemy.exc import DBAPIError  # lazy: a quick `similar` imports no SQLAlchemy
     limits = FetchLimits(max_bytes=args.max_bytes, timeout=args.timeout, deadline=args.deadline,
                          retries=args.retries)
     with _open_db(args) as db:
@@ -374,6 +373,39 @@ def cmd_similar(args) -> int:
         matches = similar_images(db, **_kwargs(args, "similar"))
         if args.sheet:
             _similar_sheet(db, given, args.query, matches, args.sheet)
+    _print_similar(args, matches)
+    if args.sheet:
+        print(f"contact sheet: {args.sheet}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _quick_similar(args) -> int | None:
+    """``similar ID`` on a SQLite file from its current index folder, importing no SQLAlchemy
+    (:func:`lookalike.quick.similar_on_sqlite`); None where it takes the long way (:func:`cmd_similar`)."""
+    from .errors import BadInput
+    from .steps import check
+    try:
+        check("similar", k=args.k)
+    except BadInput:
+        return None   # the long way says why
+    url = resolve_db_url(args.db)
+    # An explicit store is recorded by the long way; a URL with options is SQLAlchemy's to read.
+    if not args.query.isdigit() or args.sheet or args.label is not None or args.exclude_duplicates \
+            or args.store or os.environ.get(STORE_ENV) or not url.startswith("sqlite:///") or "?" in url:
+        return None
+    path = Path(url[len("sqlite:///"):]).expanduser()
+    if not path.is_file():
+        return None
+    from .quick import similar_on_sqlite
+    matches = similar_on_sqlite(path, int(args.query), args.k, space=args.space, kind=args.index,
+                                backbone=args.backbone)
+    if matches is None:
+        return None
+    _print_similar(args, matches)
+    return 0
+
+
+def _print_similar(args, matches) -> None:
     if args.json:
         print(json.dumps([m.as_dict() for m in matches], indent=2))
     else:
@@ -390,9 +422,6 @@ def cmd_similar(args) -> int:
               "probabilities, so images the classifier is equally sure of are equally similar; ties are "
               "listed by image id (--space learned or embeddings tells them apart)",
               file=sys.stderr if args.json else sys.stdout)
-    if args.sheet:
-        print(f"contact sheet: {args.sheet}", file=sys.stderr if args.json else sys.stdout)
-    return 0
 
 
 def _tie_key(match) -> float:
@@ -653,6 +682,13 @@ def _print_notes(exc: BaseException) -> None:
         print(mask_secrets(note))
 
 
+def _database_error(exc: Exception) -> bool:
+    """Whether ``exc`` is the database driver's, as SQLAlchemy wraps it (imported by whatever opened the
+    database; a quick ``similar`` imports none)."""
+    errors = sys.modules.get("sqlalchemy.exc")
+    return errors is not None and isinstance(exc, errors.DBAPIError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for name, default in (("db", None), ("store", None), ("quiet", False)):
@@ -660,6 +696,8 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, name, default)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
+        if args.func is cmd_similar and (answered := _quick_similar(args)) is not None:
+            return answered
         if args.func not in CREATES_DB | OPENS_NO_DB:
             _refuse_missing_sqlite(args.db)
         return args.func(args)
@@ -670,12 +708,12 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError, ValueError):  # and Python's exit must not flush into the closed pipe
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
-    except DBAPIError as exc:
-        from .db import describe_db_error  # lazy, like every step's import: keeps NumPy out of a cold --help
-        _print_notes(exc)
-        print(f"error: {mask_secrets(describe_db_error(exc))}", file=sys.stderr)
-        return EXIT_USER_ERROR
     except Exception as exc:
+        if _database_error(exc):
+            from .db import describe_db_error  # lazy, like every step's import: keeps NumPy out of a cold --help
+            _print_notes(exc)
+            print(f"error: {mask_secrets(describe_db_error(exc))}", file=sys.stderr)
+            return EXIT_USER_ERROR
         error = describe(exc)
         if error is None:  # a bug: its traceback, never a bare "error:"
             print(f"lookalike {__version__}: internal error, please report it with this traceback:",

@@ -17,6 +17,8 @@ DB_ENV = "LOOKALIKE_DB"
 STORE_ENV = "LOOKALIKE_STORE"
 DEFAULT_BACKBONE = "efficientnet-lite0"   # the CNN that featurize, search and the verified dedupe use
 PG_SCHEMA = "lookalike"                   # on PostgreSQL the tables, views and routines live in this schema
+SCHEMA_VERSION = 4                        # the newest migration's (db/migrations.py checks); here for readers
+                                          # that import no SQLAlchemy (lookalike.quick)
 
 
 class ConfigError(BadInput):

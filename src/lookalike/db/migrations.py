@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from ..config import ConfigError
+from ..config import SCHEMA_VERSION, ConfigError
 from .schema import (create_generation_triggers, duplicate_decisions, embedding_changes, embedding_generations,
                      settings)
 
@@ -61,7 +61,8 @@ MIGRATIONS: dict[int, Migration] = {m.version: m for m in [
         lambda conn: duplicate_decisions.create(conn, checkfirst=True),
     )),
 ]}
-SCHEMA_VERSION = max(MIGRATIONS)
+if max(MIGRATIONS) != SCHEMA_VERSION:   # one number, stated where readers without SQLAlchemy find it
+    raise RuntimeError(f"config.SCHEMA_VERSION is {SCHEMA_VERSION}, the newest migration {max(MIGRATIONS)}")
 
 
 def read_version(conn: Connection) -> int | None:

@@ -1,0 +1,132 @@
+"""A query by a stored image's id, answered from a current index folder without SQLAlchemy or psycopg.
+
+A cold search spent most of its time importing database libraries (SQLAlchemy alone
+took about half a second here). When the folder already holds what the database says
+it should (the same database, weights, space and generation of the embeddings), the
+answer needs only the folder (:mod:`lookalike.index_files`) and a few rows: the
+model, the generation counter, the recorded default space, and the results' labels.
+Two readers give them: :func:`lookalike.backend.similar` through a PostgreSQL
+backend's own SPI, and :func:`similar_on_sqlite` through the standard library's
+sqlite3 for the CLI. Whenever the folder cannot answer as it stands (missing, torn,
+behind, the scores space, an older or newer schema), they return None and the caller
+takes the long way (:func:`lookalike.search.similar_images`), which catches up and
+gives the same rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .answers import AUTO, DEFAULT_KEY, Match, auto_space, ranked
+from .config import SCHEMA_VERSION
+from .index_files import MappedIndex, _open_files, _read_header, _wanted_ivf, folder_name, index_root
+
+_opened: dict[Path, MappedIndex] = {}   # per folder, reused while its header stays the same
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What the database says the folder must hold."""
+
+    model_id: int
+    weights_sha256: str
+    generation: int
+    database_id: str
+    recorded: dict | None          # the default space evaluate recorded (settings row), if any
+    fitted: dict[str, dict]        # fitted space name -> {"id", "checksum", "intact"}: its newest row
+
+
+def by_id(store: str | Path, stored: Stored, image_id: int, k: int, space: str, kind: str,
+          labels: Callable[[list[int]], dict[int, tuple[str | None, str]]]) -> list[Match] | None:
+    """The ``k`` nearest images to stored image ``image_id`` in ``space`` (``auto`` resolved as everywhere)
+    from the folder beside ``store``; None where the folder cannot answer as it stands.
+    ``labels``: (label, source) of given image ids."""
+    name = auto_space(stored.recorded, stored.model_id, set(stored.fitted)) if space == AUTO else space
+    fitted = stored.fitted.get(name)
+    if name == "scores" or name != "embeddings" and (fitted is None or not fitted["intact"]):
+        return None
+    folder = index_root(store) / folder_name(stored.model_id, fitted["id"] if fitted else None)
+    index = _current(folder)
+    if index is None:
+        return None
+    h = index.header
+    wanted = (stored.database_id, stored.weights_sha256, fitted["id"] if fitted else 0,
+              fitted["checksum"] if fitted else "", stored.generation)
+    if (h.database, h.weights_sha256, h.space_id, h.space_sha256, h.generation) != wanted \
+            or (_wanted_ivf(index, kind) and index.ivf is None) or len(index) == 0:
+        return None
+    index.use_ivf = kind != "exact"
+    vector = index.vector(image_id)
+    if vector is None:
+        return None   # not stored: the long way says so
+    found_ids, distances = index.search(vector, k, exclude={image_id})
+    return ranked(found_ids, distances, labels([int(i) for i in found_ids]), name)
+
+
+def newest_rows(spaces: list[dict]) -> dict[str, dict]:
+    """The newest row of each fitted space's name (a refit makes a new one)."""
+    newest: dict[str, dict] = {}
+    for space in spaces:
+        if space["name"] not in newest or space["id"] > newest[space["name"]]["id"]:
+            newest[space["name"]] = space
+    return newest
+
+
+def _current(folder: Path) -> MappedIndex | None:
+    """The folder's index, opened again only when its header changed."""
+    header = _read_header(folder)
+    if header is None:
+        return None
+    opened = _opened.get(folder)
+    if opened is None or opened.header != header:
+        opened = _open_files(folder)
+        if opened is None:
+            _opened.pop(folder, None)
+            return None
+        _opened[folder] = opened
+    return opened
+
+
+def similar_on_sqlite(database: Path, image_id: int, k: int, *, space: str, kind: str,
+                      backbone: str) -> list[Match] | None:
+    """:func:`by_id` on a SQLite file, read-only through sqlite3; None for the long way (also where the file's
+    schema is not this version's, or its store was never recorded)."""
+    try:
+        conn = sqlite3.connect(f"{database.absolute().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return None
+    try:
+        setting = dict(conn.execute("SELECT key, value FROM settings WHERE key IN "
+                                    "('schema_version', 'store_path', 'database_id', ?)", (DEFAULT_KEY,)).fetchall())
+        model = conn.execute("SELECT id, weights_sha256 FROM feature_models WHERE name = ? ORDER BY id DESC LIMIT 1",
+                             (backbone,)).fetchone()
+        if setting.get("schema_version") != str(SCHEMA_VERSION) or not setting.get("store_path") \
+                or not setting.get("database_id") or model is None:
+            return None
+        generation = conn.execute("SELECT generation FROM embedding_generations WHERE model_id = ?",
+                                  (model[0],)).fetchone()
+        if generation is None:
+            return None
+        spaces = [{"name": name, "id": space_id, "checksum": checksum,
+                   "intact": hashlib.sha256(params).hexdigest() == checksum}
+                  for name, space_id, checksum, params in conn.execute(
+                      "SELECT name, id, checksum, params FROM similarity_spaces WHERE feature_model_id = ?",
+                      (model[0],))]
+        stored = Stored(model[0], model[1], generation[0], setting["database_id"],
+                        json.loads(setting[DEFAULT_KEY]) if DEFAULT_KEY in setting else None, newest_rows(spaces))
+
+        def labels(ids: list[int]) -> dict[int, tuple[str | None, str]]:
+            marks = ",".join("?" * len(ids))
+            return {row[0]: (row[1], row[2]) for row in conn.execute(
+                f"SELECT id, label, source FROM images WHERE id IN ({marks})", ids)} if ids else {}
+
+        return by_id(setting["store_path"], stored, image_id, k, space, kind, labels)
+    except sqlite3.Error:   # an older schema, a locked or damaged file: the long way explains
+        return None
+    finally:
+        conn.close()
