@@ -20,7 +20,7 @@ from typing import Any
 from .answers import DEFAULT_KEY, Match
 from .config import DEFAULT_BACKBONE, PG_SCHEMA
 from .errors import BadInput
-from .quick import Stored, by_id, newest_rows
+from .quick import HOLDS_MORE_THAN_READS, Stored, by_id, newest_rows
 from .steps import default, routine
 
 # The model, its embeddings' generation, this database's id, the recorded default space and the fitted spaces
@@ -36,10 +36,6 @@ SELECT model.id AS model_id, model.weights_sha256,
           FROM {PG_SCHEMA}.similarity_spaces WHERE feature_model_id = model.id) AS spaces
 FROM model"""
 _LABELS = f"SELECT id, label, source FROM {PG_SCHEMA}.images WHERE id = ANY($1)"
-# Whether this transaction has written (it has an xid) or holds a relation lock stronger than reading's.
-HOLDS_MORE_THAN_READS = ("SELECT pg_current_xact_id_if_assigned() IS NOT NULL OR EXISTS (SELECT FROM pg_locks "
-                         "WHERE pid = pg_backend_pid() AND locktype = 'relation' AND mode <> 'AccessShareLock') "
-                         "AS holds")
 
 
 def call(plpy, routine_name: str, store: str, **params: Any) -> Exception | None:
@@ -50,20 +46,16 @@ def call(plpy, routine_name: str, store: str, **params: Any) -> Exception | None
 
 def similar(plpy, store: str, query: int | str | None, k: int | None) -> tuple[list[tuple], Exception | None]:
     """Rows of ``similar_images`` (rank, image_id, label, distance, similarity, source), or the error to raise."""
-    if isinstance(query, int) and not isinstance(query, bool):
-        matches = _from_folder(plpy, store, query, k)
-        if matches is not None:
-            return answered(plpy, matches), None
-    from . import plpython
-    return plpython.similar(plpy, store, query, k)
-
-
-def answered(plpy, matches: list[Match]) -> list[tuple]:
-    """The rows of ``matches``, after a NOTICE of the space that answered (the default evaluate chose, or where
-    none, pca or the embeddings)."""
+    matches = _from_folder(plpy, store, query, k) if isinstance(query, int) and not isinstance(query, bool) else None
+    if matches is None:
+        from . import plpython
+        matches, failure = plpython.similar(plpy, store, query, k)
+        if failure is not None:
+            return [], failure
+    # Which space answered: the default evaluate chose, or where none, pca or the embeddings.
     if matches:
         plpy.notice(f"lookalike.similar_images: {len(matches)} results in the {matches[0].space} space")
-    return [(m.rank, m.image_id, m.label, m.distance, m.similarity, m.source) for m in matches]
+    return [(m.rank, m.image_id, m.label, m.distance, m.similarity, m.source) for m in matches], None
 
 
 def _from_folder(plpy, store: str, image_id: int, k: int | None) -> list[Match] | None:
@@ -75,8 +67,11 @@ def _from_folder(plpy, store: str, image_id: int, k: int | None) -> list[Match] 
         return None
     if k is None or plpy.execute(HOLDS_MORE_THAN_READS)[0]["holds"]:
         return None
-    with plpy.subtransaction():   # a read that fails (no lookalike schema) leaves the transaction usable
-        found = plpy.execute(plpy.prepare(_STATE, ["text", "text"]), [DEFAULT_BACKBONE, DEFAULT_KEY])
+    try:
+        with plpy.subtransaction():   # a read that fails (no lookalike schema) leaves the transaction usable
+            found = plpy.execute(plpy.prepare(_STATE, ["text", "text"]), [DEFAULT_BACKBONE, DEFAULT_KEY])
+    except plpy.SPIError:
+        return None   # the long way says what is wrong
     if not found or found[0]["generation"] is None or found[0]["database_id"] is None:
         return None
     state = found[0]

@@ -44,10 +44,10 @@ from typing import Any, Callable, Iterator
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-from .backend import HOLDS_MORE_THAN_READS, answered
 from .config import ConfigError, mask_secrets, parse_db_url, resolve_db_url
 from .db import PG_SCHEMA, Database, settings
 from .errors import BadInput, LookalikeError, describe
+from .quick import HOLDS_MORE_THAN_READS
 from .steps import PREPARED_DEFAULTS, ROUTINES, STEPS, procedures_sql as routines_sql, \
     routine as registry_routine
 
@@ -600,8 +600,9 @@ def call(plpy, routine: str, store: str, **params: Any) -> Exception | None:
     return _outcome(plpy, routine, interrupts, failure)
 
 
-def similar(plpy, store: str, query: int | str | None, k: int | None) -> tuple[list[tuple], Exception | None]:
-    """Rows of ``similar_images`` (rank, image_id, label, distance, similarity, source), or the error to raise.
+def similar(plpy, store: str, query: int | str | None, k: int | None) -> tuple[list, Exception | None]:
+    """The matches of ``similar_images`` (:class:`lookalike.answers.Match`, which :mod:`lookalike.backend`
+    turns into rows), or the error to raise.
 
     It reads through its own connection back to the server, so it refuses to run
     in a transaction that has changed anything or holds locks beyond reading: it
@@ -610,7 +611,7 @@ def similar(plpy, store: str, query: int | str | None, k: int | None) -> tuple[l
     from .net import private_urls_allowed_here   # lazy, as the search's: a by-id query imports no HTTP client
     from .search import similar_images
     interrupts = _Interrupts()
-    rows, failure = [], None
+    matches, failure = [], None
     try:
         if plpy.execute(HOLDS_MORE_THAN_READS)[0]["holds"]:
             raise ProcedureError("this transaction has uncommitted changes or locks, which the search cannot "
@@ -620,12 +621,11 @@ def similar(plpy, store: str, query: int | str | None, k: int | None) -> tuple[l
         with _notices(plpy, interrupts):   # e.g. that the vector index cannot be read here, and the fallback
             matches = _watched(interrupts, lambda: similar_images(_server_database(plpy, store), query, k=k,
                                                                   allow_private=private_urls_allowed_here()))
-        rows = answered(plpy, matches)
     except KeyboardInterrupt:
         failure = ProcedureError("interrupted", "57014")  # query_canceled, when the server says no more
     except Exception as exc:
         failure = exc
-    return rows, _outcome(plpy, "similar_images", interrupts, failure)
+    return matches, _outcome(plpy, "similar_images", interrupts, failure)
 
 
 def _outcome(plpy, routine: str, interrupts: _Interrupts, failure: Exception | None) -> Exception | None:

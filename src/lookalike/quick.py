@@ -27,6 +27,11 @@ from .config import SCHEMA_VERSION
 from .index_files import MappedIndex, _open_files, _read_header, _wanted_ivf, folder_name, index_root
 
 _opened: dict[Path, MappedIndex] = {}   # per folder, reused while its header stays the same
+# On PostgreSQL, whether this transaction has written (it has an xid) or holds a relation lock stronger than
+# reading's: a search through another connection could neither see those changes nor wait for those locks.
+HOLDS_MORE_THAN_READS = ("SELECT pg_current_xact_id_if_assigned() IS NOT NULL OR EXISTS (SELECT FROM pg_locks "
+                         "WHERE pid = pg_backend_pid() AND locktype = 'relation' AND mode <> 'AccessShareLock') "
+                         "AS holds")
 
 
 @dataclass(frozen=True)
