@@ -237,6 +237,9 @@ def test_similar_by_id_on_a_current_folder_imports_no_sqlalchemy_and_answers_as_
     assert long_way_behind and [m["image_id"] for m in behind] == [100] + [m["image_id"] for m in first[:2]]
     caught_up, long_way_after = similar()
     assert not long_way_after and caught_up == behind
+    from support.cli import lookalike   # an IVF asked of a folder too small for one: refused, as the long way does
+    refused = lookalike("similar", "4", "--index", "ivf", "--db", sqlite_url)
+    assert refused.code != 0 and "at least 1000 vectors" in refused.err
 
 
 def test_index_status_and_rebuild_from_the_cli(sqlite_url, tmp_path):

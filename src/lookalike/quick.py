@@ -63,8 +63,8 @@ def by_id(store: str | Path, stored: Stored, image_id: int, k: int, space: str, 
     wanted = (stored.database_id, stored.weights_sha256, fitted["id"] if fitted else 0,
               fitted["checksum"] if fitted else "", stored.generation)
     if (h.database, h.weights_sha256, h.space_id, h.space_sha256, h.generation) != wanted \
-            or (_wanted_ivf(index, kind) and index.ivf is None) or len(index) == 0:
-        return None
+            or (_wanted_ivf(index, kind) or kind == "ivf") and index.ivf is None or len(index) == 0:
+        return None   # (an IVF asked of a folder without one: built, or refused, the long way)
     index.use_ivf = kind != "exact"
     vector = index.vector(image_id)
     if vector is None:
