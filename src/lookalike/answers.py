@@ -1,8 +1,9 @@
 """What a search answers, apart from where it searched: ranked :class:`Match` rows, and which space ``auto`` means.
 
 Kept free of the database driver, like :mod:`lookalike.index_files`: the CLI, the web app and the
-PL/Python routines answer through :mod:`lookalike.search`, and a PL/Python backend's query by id
-through :mod:`lookalike.backend` with the same two functions.
+PL/Python routines answer through :mod:`lookalike.search`, and a query by id on a current index
+folder through :mod:`lookalike.quick` (the CLI on SQLite, a PL/Python backend), with the same two
+functions.
 """
 
 from __future__ import annotations
