@@ -105,6 +105,19 @@ def test_tampered_parameters_are_refused(db):
         similar_images(db, 1, k=3)
 
 
+def test_parameters_changed_under_their_checksum_are_refused_by_the_quick_cli_path_too(sqlite_url, tmp_path):
+    """The CLI answers `similar ID` from a current folder without SQLAlchemy (lookalike.quick): it still
+    hashes a space's stored parameters before trusting the folder built from them."""
+    with Database(sqlite_url, tmp_path / "store") as db:
+        add_collection(db, [None] * 10, np.random.default_rng(2).normal(size=(10, 8)))
+        fit_spaces(db)   # builds the pca folder: current, so the quick path would answer
+        with db.begin() as conn:
+            params = conn.execute(sa.select(similarity_spaces.c.params)).scalar_one()
+            conn.execute(sa.update(similarity_spaces).values(params=params[:-1] + bytes([params[-1] ^ 1])))
+    refused = lookalike("similar", "1", "--top", "3", "--db", sqlite_url)
+    assert refused.code != 0 and "the stored pca space's parameters fail their checksum" in refused.err
+
+
 def test_fit_needs_embeddings(db):
     with pytest.raises(LookupError):   # no feature model at all: the featurize hint
         fit_spaces(db)

@@ -23,19 +23,19 @@ from .errors import BadInput
 from .quick import HOLDS_MORE_THAN_READS, Stored, by_id, newest_rows
 from .steps import default, routine
 
-# The model, its embeddings' generation, this database's id, the recorded default space and the fitted spaces
-# (each with whether its parameters still match their checksum): one round trip.
+# The model, its embeddings' generation, this database's id, the recorded default space and the fitted spaces:
+# one round trip.
 _STATE = f"""
 WITH model AS (SELECT id, weights_sha256 FROM {PG_SCHEMA}.feature_models WHERE name = $1 ORDER BY id DESC LIMIT 1)
 SELECT model.id AS model_id, model.weights_sha256,
        (SELECT generation FROM {PG_SCHEMA}.embedding_generations WHERE model_id = model.id) AS generation,
        (SELECT value FROM {PG_SCHEMA}.settings WHERE key = 'database_id') AS database_id,
        (SELECT value FROM {PG_SCHEMA}.settings WHERE key = $2) AS recorded,
-       (SELECT json_agg(json_build_object('name', name, 'id', id, 'checksum', checksum,
-                                          'intact', encode(sha256(params), 'hex') = checksum))
+       (SELECT json_agg(json_build_object('name', name, 'id', id, 'checksum', checksum))
           FROM {PG_SCHEMA}.similarity_spaces WHERE feature_model_id = model.id) AS spaces
 FROM model"""
 _LABELS = f"SELECT id, label, source FROM {PG_SCHEMA}.images WHERE id = ANY($1)"
+_PARAMS = f"SELECT params FROM {PG_SCHEMA}.similarity_spaces WHERE id = $1"
 
 
 def call(plpy, routine_name: str, store: str, **params: Any) -> Exception | None:
@@ -65,7 +65,7 @@ def _from_folder(plpy, store: str, image_id: int, k: int | None) -> list[Match] 
         routine("similar_images").check({"k": k})
     except BadInput:
         return None
-    if k is None or plpy.execute(HOLDS_MORE_THAN_READS)[0]["holds"]:
+    if plpy.execute(HOLDS_MORE_THAN_READS)[0]["holds"]:   # (k is not NULL: checked above)
         return None
     try:
         with plpy.subtransaction():   # a read that fails (no lookalike schema) leaves the transaction usable
@@ -83,4 +83,8 @@ def _from_folder(plpy, store: str, image_id: int, k: int | None) -> list[Match] 
         rows = plpy.execute(plpy.prepare(_LABELS, ["bigint[]"]), [ids])
         return {row["id"]: (row["label"], row["source"]) for row in rows}
 
-    return by_id(store, stored, image_id, k, default("similar", "space"), default("similar", "index"), labels)
+    def params(space_id: int) -> bytes:
+        return plpy.execute(plpy.prepare(_PARAMS, ["int"]), [space_id])[0]["params"]
+
+    return by_id(store, stored, image_id, k, default("similar", "space"), default("similar", "index"), labels,
+                 params)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .answers import AUTO, DEFAULT_KEY, Match, auto_space, ranked
 from .config import SCHEMA_VERSION
-from .index_files import MappedIndex, _open_files, _read_header, _wanted_ivf, folder_name, index_root
+from .index_files import MappedIndex, _open_files, _read_header, _same_source, _wanted_ivf, folder_name, index_root
 
 _opened: dict[Path, MappedIndex] = {}   # per folder, reused while its header stays the same
 # On PostgreSQL, whether this transaction has written (it has an xid) or holds a relation lock stronger than
@@ -32,6 +32,14 @@ _opened: dict[Path, MappedIndex] = {}   # per folder, reused while its header st
 HOLDS_MORE_THAN_READS = ("SELECT pg_current_xact_id_if_assigned() IS NOT NULL OR EXISTS (SELECT FROM pg_locks "
                          "WHERE pid = pg_backend_pid() AND locktype = 'relation' AND mode <> 'AccessShareLock') "
                          "AS holds")
+
+
+@dataclass(frozen=True)
+class FittedRow:
+    """A fitted space's newest row, as :func:`lookalike.index_files._same_source` reads a space."""
+
+    id: int
+    checksum: str
 
 
 @dataclass(frozen=True)
@@ -43,26 +51,30 @@ class Stored:
     generation: int
     database_id: str
     recorded: dict | None          # the default space evaluate recorded (settings row), if any
-    fitted: dict[str, dict]        # fitted space name -> {"id", "checksum", "intact"}: its newest row
+    fitted: dict[str, FittedRow]   # fitted space name -> its newest row
+
+
+# (database id, space id, checksum) of the fitted spaces whose parameters matched their checksum in this process
+_intact: set[tuple[str, int, str]] = set()
 
 
 def by_id(store: str | Path, stored: Stored, image_id: int, k: int, space: str, kind: str,
-          labels: Callable[[list[int]], dict[int, tuple[str | None, str]]]) -> list[Match] | None:
+          labels: Callable[[list[int]], dict[int, tuple[str | None, str]]],
+          params: Callable[[int], bytes]) -> list[Match] | None:
     """The ``k`` nearest images to stored image ``image_id`` in ``space`` (``auto`` resolved as everywhere)
     from the folder beside ``store``; None where the folder cannot answer as it stands.
-    ``labels``: (label, source) of given image ids."""
+    ``labels``: (label, source) of given image ids; ``params``: a fitted space's stored parameters, by id."""
     name = auto_space(stored.recorded, stored.model_id, set(stored.fitted)) if space == AUTO else space
     fitted = stored.fitted.get(name)
-    if name == "scores" or name != "embeddings" and (fitted is None or not fitted["intact"]):
+    if name == "scores" or name != "embeddings" and (
+            fitted is None or not _params_intact(stored.database_id, fitted, params)):
         return None
-    folder = index_root(store) / folder_name(stored.model_id, fitted["id"] if fitted else None)
+    folder = index_root(store) / folder_name(stored.model_id, fitted.id if fitted else None)
     index = _current(folder)
     if index is None:
         return None
-    h = index.header
-    wanted = (stored.database_id, stored.weights_sha256, fitted["id"] if fitted else 0,
-              fitted["checksum"] if fitted else "", stored.generation)
-    if (h.database, h.weights_sha256, h.space_id, h.space_sha256, h.generation) != wanted \
+    if not _same_source(index.header, stored.database_id, stored.weights_sha256, fitted) \
+            or index.header.generation != stored.generation \
             or (_wanted_ivf(index, kind) or kind == "ivf") and index.ivf is None or len(index) == 0:
         return None   # (an IVF asked of a folder without one: built, or refused, the long way)
     index.use_ivf = kind != "exact"
@@ -73,13 +85,26 @@ def by_id(store: str | Path, stored: Stored, image_id: int, k: int, space: str, 
     return ranked(found_ids, distances, labels([int(i) for i in found_ids]), name)
 
 
-def newest_rows(spaces: list[dict]) -> dict[str, dict]:
-    """The newest row of each fitted space's name (a refit makes a new one)."""
-    newest: dict[str, dict] = {}
+def newest_rows(spaces: list[dict]) -> dict[str, FittedRow]:
+    """The newest row of each fitted space's name (a refit makes a new one), from ``name``, ``id`` and
+    ``checksum`` of each."""
+    newest: dict[str, FittedRow] = {}
     for space in spaces:
-        if space["name"] not in newest or space["id"] > newest[space["name"]]["id"]:
-            newest[space["name"]] = space
+        if space["name"] not in newest or space["id"] > newest[space["name"]].id:
+            newest[space["name"]] = FittedRow(space["id"], space["checksum"])
     return newest
+
+
+def _params_intact(database_id: str, row: FittedRow, params: Callable[[int], bytes]) -> bool:
+    """Whether the space's stored parameters still match their checksum, as the long way's
+    :func:`~lookalike.projection.load_space` checks: read and hashed once a process (a few MB), not on
+    every query of a warm PL/Python session (the long way, too, loads a space once while its row stays)."""
+    key = (database_id, row.id, row.checksum)
+    if key not in _intact:
+        if hashlib.sha256(params(row.id)).hexdigest() != row.checksum:
+            return False
+        _intact.add(key)
+    return True
 
 
 def _current(folder: Path) -> MappedIndex | None:
@@ -117,11 +142,8 @@ def similar_on_sqlite(database: Path, image_id: int, k: int, *, space: str, kind
                                   (model[0],)).fetchone()
         if generation is None:
             return None
-        spaces = [{"name": name, "id": space_id, "checksum": checksum,
-                   "intact": hashlib.sha256(params).hexdigest() == checksum}
-                  for name, space_id, checksum, params in conn.execute(
-                      "SELECT name, id, checksum, params FROM similarity_spaces WHERE feature_model_id = ?",
-                      (model[0],))]
+        spaces = [{"name": name, "id": space_id, "checksum": checksum} for name, space_id, checksum in conn.execute(
+            "SELECT name, id, checksum FROM similarity_spaces WHERE feature_model_id = ?", (model[0],))]
         stored = Stored(model[0], model[1], generation[0], setting["database_id"],
                         json.loads(setting[DEFAULT_KEY]) if DEFAULT_KEY in setting else None, newest_rows(spaces))
 
@@ -130,7 +152,10 @@ def similar_on_sqlite(database: Path, image_id: int, k: int, *, space: str, kind
             return {row[0]: (row[1], row[2]) for row in conn.execute(
                 f"SELECT id, label, source FROM images WHERE id IN ({marks})", ids)} if ids else {}
 
-        return by_id(setting["store_path"], stored, image_id, k, space, kind, labels)
+        def params(space_id: int) -> bytes:
+            return conn.execute("SELECT params FROM similarity_spaces WHERE id = ?", (space_id,)).fetchone()[0]
+
+        return by_id(setting["store_path"], stored, image_id, k, space, kind, labels, params)
     except sqlite3.Error:   # an older schema, a locked or damaged file: the long way explains
         return None
     finally:
