@@ -145,6 +145,17 @@ def two_workers() -> EfficientNetLite0:
     return backbone
 
 
+def layouts(device: str) -> dict:
+    """Runners beside the default engines: the layout before one worker per core (where there are more than
+    two cores; on two it is the same), and ``device`` when it is not the CPU."""
+    runners = {}
+    if cores() > 2:
+        runners["embed_sources, two workers (before)"] = lambda ps, b=two_workers(): ours_embed(ps, b)
+    if device != "cpu":
+        runners[f"embed_sources ({device})"] = lambda ps, b=load_backbone(device=device): ours_embed(ps, b)
+    return runners
+
+
 def large_photos(repeats: int, device: str = "cpu") -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from devset import DEFAULT_CACHE, _debian
@@ -162,11 +173,7 @@ def large_photos(repeats: int, device: str = "cpu") -> None:
     print(f"{cores()} cores, torch threads {torch.get_num_threads()}")
     backbone = load_backbone()
     runners = {"embed_sources (ONNX Runtime)": lambda ps: ours_embed(ps, backbone),
-               "embed_sources, torch engine": lambda ps, b=torch_engine(): ours_embed(ps, b)}
-    if cores() > 2:   # the same layout where there are two cores
-        runners["ONNX Runtime, two workers (before)"] = lambda ps, b=two_workers(): ours_embed(ps, b)
-    if device != "cpu":
-        runners[f"embed_sources ({device})"] = lambda ps, b=load_backbone(device=device): ours_embed(ps, b)
+               "embed_sources, torch engine": lambda ps, b=torch_engine(): ours_embed(ps, b), **layouts(device)}
     for run in runners.values():
         run(photos[:2])   # warm up
     for name, run in runners.items():
@@ -199,7 +206,6 @@ def main() -> None:
         large_photos(args.repeats, args.device)
         return
     per_label, rounds = (20, 1) if args.quick else (67, 3)
-    device = args.device
 
     with tempfile.TemporaryDirectory() as tmp:
         samples = render_samples(Path(tmp) / "samples", per_label=per_label, copy_share=0.0)
@@ -223,11 +229,8 @@ def main() -> None:
         runners = {f"naive loop, {default_threads} torch threads": lambda ps: naive_embed(model, ps),
                    "naive loop, 1 torch thread": naive_one_thread,
                    "embed_sources": ours_embed,
-                   "embed_sources, torch engine": lambda ps, b=torch_engine(): ours_embed(ps, b)}
-        if cores() > 2:   # the same layout where there are two cores
-            runners["embed_sources, two workers (before)"] = lambda ps, b=two_workers(): ours_embed(ps, b)
-        if device != "cpu":
-            runners[f"embed_sources ({device})"] = lambda ps, b=load_backbone(device=device): ours_embed(ps, b)
+                   "embed_sources, torch engine": lambda ps, b=torch_engine(): ours_embed(ps, b),
+                   **layouts(args.device)}
         load_backbone()  # loaded outside the timings, like the naive model
         rates: dict[str, list[float]] = {name: [] for name in runners}
         cpu_ms: dict[str, list[float]] = {name: [] for name in runners}
