@@ -123,7 +123,7 @@ def hash_images(db: Database, *, imagehash_sizes: Iterable[int] = (8,), draft: b
         def work(row):
             return row[0], hash_one(db.store.path(row[1]), dsizes, isizes, DRAFT_SIZE if draft else None)
 
-        # Decoding and resizing release the GIL: one thread per core keeps them all busy.
+        # Decoding and resizing release the GIL: one thread per core, at most FULL_DECODERS (memory).
         pool = ThreadPoolExecutor(workers or cores(at_most=FULL_DECODERS))
         try:
             with tqdm(total=len(todo), unit="img", desc="hash", disable=not progress, leave=False) as bar:

@@ -246,7 +246,7 @@ def inspect_images(db: Database, *, all_images: bool = default("inspect", "all_i
         def work(row):
             return row[0], inspect_one(db.store.path(row[1]), row[2], row[3])
 
-        # Decoding and resizing release the GIL: one thread per core keeps them all busy.
+        # Decoding and resizing release the GIL: one thread per core, at most FULL_DECODERS (memory).
         pool = ThreadPoolExecutor(workers or cores(at_most=FULL_DECODERS))
         try:
             with tqdm(total=len(todo), unit="img", desc="inspect", disable=not progress, leave=False) as bar:
